@@ -1,0 +1,28 @@
+# Two commands for people: `make demo` and `make test`. `make install` is what both run first.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mwm-installed
+# The PyTorch build this project is tested with; override for another platform, e.g.
+# make install TORCH="torch==2.9.1 torchvision==0.24.1"
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/mwm demo
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,100 @@
+"""``mwm inspect``: read a whole dataset once and report what is in it and what is wrong.
+
+Every image (and its mask and prompt) is read with the same code the pipeline uses; a
+failure is recorded with its file and the reason, and the scan goes on, so one pass
+lists every problem. The exit status is non-zero when anything failed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..files import write_csv, write_json
+from ..progress import progress as progress_bar
+from .io import DataError, read_mask, read_slice
+from .layouts import Sample, load_prompts, open_dataset, prompt_for
+
+ROW_FIELDS = ("name", "path", "width", "height", "kind", "min", "max", "label", "split",
+              "mask", "mask_fraction", "prompt", "error")
+
+
+@dataclass
+class InspectReport:
+    source: str
+    layout: str
+    classes: list[str]
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[dict]:
+        return [row for row in self.rows if row["error"]]
+
+    def summary(self) -> dict:
+        ok = [row for row in self.rows if not row["error"]]
+        sizes = Counter(f"{row['width']}x{row['height']}" for row in ok)
+        return {
+            "source": self.source, "layout": self.layout, "images": len(self.rows),
+            "readable": len(ok), "failures": len(self.failures), "classes": self.classes,
+            "label_counts": dict(Counter(row["label"] for row in ok if row["label"])),
+            "split_counts": dict(Counter(row["split"] for row in ok if row["split"])),
+            "sizes": dict(sizes.most_common(5)),
+            "with_mask": sum(1 for row in ok if row["mask"]),
+            "empty_masks": sum(1 for row in ok if row["mask"] and row["mask_fraction"] == 0),
+        }
+
+    def text(self) -> str:
+        s = self.summary()
+        lines = [f"{s['source']}: {s['layout']} layout, {s['images']} images, "
+                 f"{s['readable']} readable, {s['failures']} failed"]
+        if s["sizes"]:
+            lines.append("sizes: " + ", ".join(f"{k} ({v})" for k, v in s["sizes"].items()))
+        if s["label_counts"]:
+            lines.append("labels: " + ", ".join(f"{k} {v}" for k, v in sorted(s["label_counts"].items())))
+        if s["split_counts"]:
+            lines.append("splits: " + ", ".join(f"{k} {v}" for k, v in s["split_counts"].items()))
+        if s["with_mask"]:
+            lines.append(f"masks: {s['with_mask']} ({s['empty_masks']} empty)")
+        for row in self.failures[:20]:
+            lines.append(f"FAILED {row['error']}")
+        if len(self.failures) > 20:
+            lines.append(f"... and {len(self.failures) - 20} more failures (see inspect.csv)")
+        return "\n".join(lines)
+
+    def write(self, out_dir: str | Path) -> None:
+        write_csv(Path(out_dir) / "inspect.csv", self.rows, ROW_FIELDS)
+        write_json(Path(out_dir) / "inspect_summary.json", self.summary())
+
+
+def inspect_dataset(source: str | Path, *, masks: str | Path | None = None,
+                    prompts: str | Path | None = None, axis: int = 2,
+                    progress: bool = True) -> InspectReport:
+    dataset = open_dataset(source, masks, axis=axis)
+    prompt_map = load_prompts(prompts) if prompts else None
+    report = InspectReport(str(source), dataset.layout, dataset.classes)
+    for sample in progress_bar(dataset.samples, total=len(dataset.samples), desc="inspect",
+                               unit="img", enabled=progress):
+        report.rows.append(_inspect_one(sample, prompt_map, str(prompts)))
+    return report
+
+
+def _inspect_one(sample: Sample, prompts: dict | None, prompt_source: str) -> dict:
+    row = dict.fromkeys(ROW_FIELDS, "")
+    row.update(name=sample.name, path=str(sample.image.path), label=sample.label or "",
+               split=sample.split or "", prompt=sample.prompt or "")
+    try:
+        image = read_slice(sample.image)
+        pixels = image.pixels
+        row.update(width=image.shape[1], height=image.shape[0], kind=image.kind,
+                   min=float(np.min(pixels)), max=float(np.max(pixels)))
+        if sample.mask is not None:
+            region = read_mask(sample.mask, shape=image.shape)
+            row.update(mask=str(sample.mask.path), mask_fraction=round(float(region.mean()), 5))
+        if prompts is not None and not sample.prompt:
+            row["prompt"] = prompt_for(sample.image, prompts, prompt_source)
+    except DataError as err:
+        row["error"] = str(err)
+    return row

@@ -1,0 +1,1 @@
+"""Figures for people: contact sheets and (later) the HTML report."""
