@@ -13,6 +13,7 @@ import io
 import json
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -58,8 +59,12 @@ def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
     write_text(path, buf.getvalue())
 
 
-def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    """Write a uint8/uint16 gray (H, W) or RGB (H, W, 3) array as PNG, atomically."""
+def write_png(path: str | os.PathLike, image: np.ndarray, text: Mapping[str, str] | None = None) -> None:
+    """Write a uint8/uint16 gray (H, W) or RGB (H, W, 3) array as PNG, atomically.
+
+    ``text`` entries are stored as PNG ``tEXt`` chunks (read back with
+    :func:`read_png_text`); MWM uses them to record how an output was made.
+    """
     import cv2
 
     if image.dtype not in (np.uint8, np.uint16):
@@ -69,7 +74,48 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     ok, encoded = cv2.imencode(".png", image)
     if not ok:
         raise OSError(f"could not encode PNG for {path}")
-    write_bytes(path, encoded.tobytes())
+    data = encoded.tobytes()
+    if text:
+        data = _insert_png_text(data, text)
+    write_bytes(path, data)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _insert_png_text(png: bytes, text: Mapping[str, str]) -> bytes:
+    """Insert tEXt chunks right after IHDR (signature 8 bytes + IHDR chunk 25 bytes)."""
+    chunks = []
+    for key, value in text.items():
+        payload = key.encode("latin-1") + b"\0" + value.encode("latin-1", "replace")
+        body = b"tEXt" + payload
+        chunks.append(len(payload).to_bytes(4, "big") + body
+                      + zlib.crc32(body).to_bytes(4, "big"))
+    head = len(_PNG_SIGNATURE) + 25
+    return png[:head] + b"".join(chunks) + png[head:]
+
+
+def read_png_text(path: str | os.PathLike) -> dict[str, str]:
+    """The ``tEXt`` chunks of a PNG file (stops at the image data; {} if unreadable)."""
+    out: dict[str, str] = {}
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(8) != _PNG_SIGNATURE:
+                return out
+            while True:
+                header = handle.read(8)
+                if len(header) < 8:
+                    return out
+                length, kind = int.from_bytes(header[:4], "big"), header[4:]
+                if kind in (b"IDAT", b"IEND"):
+                    return out
+                payload = handle.read(length)
+                handle.read(4)  # CRC
+                if kind == b"tEXt" and b"\0" in payload:
+                    key, value = payload.split(b"\0", 1)
+                    out[key.decode("latin-1")] = value.decode("latin-1")
+    except OSError:
+        return out
 
 
 def safe_child(out_dir: str | os.PathLike, name: str) -> Path:

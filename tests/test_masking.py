@@ -1,0 +1,128 @@
+"""Mask samplers: exact counts, occupancy, determinism, no per-sample loops needed."""
+
+import pytest
+import torch
+
+from mwm.masking import (budget_masks, cell_occupancy, exact_count, grid_shape, random_masks,
+                         region_masks, salient_cells, upsample_cells)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def box_regions(batch, size, boxes):
+    regions = torch.zeros(batch, size, size, dtype=torch.bool)
+    for b, (y0, y1, x0, x1) in enumerate(boxes):
+        regions[b, y0:y1, x0:x1] = True
+    return regions
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.4, 0.6, 0.75, 1.0])
+def test_random_exact_count(ratio):
+    masks = random_masks(64, (7, 7), ratio, generator=gen())
+    expected = int(exact_count(torch.tensor(49), ratio))
+    assert (masks.masked_bhw.flatten(1).sum(1) == expected).all()
+    assert expected == int(49 * ratio + 0.5)
+
+
+def test_exact_count_has_no_float_drift():
+    assert int(exact_count(torch.tensor(5), 0.8)) == 4     # keeps exactly 1 visible
+    assert int(exact_count(torch.tensor(10), 0.7)) == 7    # 10 * 0.7 = 6.999...
+    assert int(exact_count(torch.tensor(3), 0.5)) == 2     # half up
+    assert int(exact_count(torch.tensor(49), 0.6)) == 29
+
+
+def test_five_salient_cells_at_08_keep_exactly_one_visible():
+    regions = torch.zeros(4, 224, 224, dtype=torch.bool)
+    regions[:, 0:32, 0:160] = True  # 5 full cells in the first row of the 7x7 grid
+    masks = region_masks(regions, 32, 0.8, 0.4, generator=gen())
+    salient = masks.salient_bhw.flatten(1)
+    masked = masks.masked_bhw.flatten(1)
+    assert (salient.sum(1) == 5).all()
+    assert ((salient & ~masked).sum(1) == 1).all()
+    assert ((~salient & masked).sum(1) == round(44 * 0.4)).all()
+
+
+def test_region_counts_exact_for_many_shapes():
+    torch.manual_seed(0)
+    regions = torch.rand(32, 128, 128) > 0.97  # scattered pixels → varied occupancy
+    regions[:, 10:70, 20:90] = True
+    masks = region_masks(regions, 16, 0.7, 0.3, generator=gen(1))
+    salient = masks.salient_bhw.flatten(1)
+    masked = masks.masked_bhw.flatten(1)
+    n_s = salient.sum(1)
+    assert ((salient & masked).sum(1) == exact_count(n_s, 0.7)).all()
+    assert ((~salient & masked).sum(1) == exact_count(64 - n_s, 0.3)).all()
+
+
+def test_occupancy_is_area_fraction():
+    regions = torch.zeros(1, 64, 64)
+    regions[0, 0:32, 0:16] = 1  # half of cell (0,0)
+    regions[0, 32:40, 32:64] = 1  # a quarter of cell (1,1)
+    occ = cell_occupancy(regions, 32)
+    torch.testing.assert_close(occ[0], torch.tensor([[0.5, 0.0], [0.0, 0.25]]))
+    assert salient_cells(occ, 0.5)[0].tolist() == [[True, False], [False, False]]
+
+
+def test_thin_region_never_vanishes():
+    regions = box_regions(2, 224, [(100, 102, 10, 200), (0, 0, 0, 0)])  # 2 px thick line
+    masks = region_masks(regions, 32, 0.8, 0.4, generator=gen())
+    assert masks.salient_bhw[0].any()  # the line keeps its most-covered cells
+    assert not masks.salient_bhw[1].any() and masks.empty_b.tolist() == [False, True]
+    # the empty image falls back to random masking at ratio_background
+    assert int(masks.masked_bhw[1].sum()) == round(49 * 0.4)
+
+
+def test_same_seed_same_masks_and_different_seed_differs():
+    regions = box_regions(8, 128, [(20, 80, 20, 80)] * 8)
+    a = region_masks(regions, 16, 0.8, 0.4, generator=gen(5)).masked_bhw
+    b = region_masks(regions, 16, 0.8, 0.4, generator=gen(5)).masked_bhw
+    c = region_masks(regions, 16, 0.8, 0.4, generator=gen(6)).masked_bhw
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_realized_ratios_are_measured():
+    regions = box_regions(16, 224, [(0, 64, 0, 64)] * 16)  # 4 salient cells of 49
+    masks = region_masks(regions, 32, 0.75, 0.4, generator=gen())
+    ratios = {k: float(v) for k, v in masks.ratios().items()}
+    assert ratios["salient"] == pytest.approx(3 / 4)
+    assert ratios["background"] == pytest.approx(round(45 * 0.4) / 45)
+    assert ratios["overall"] == pytest.approx((3 + 18) / 49)
+    assert ratios["empty_fraction"] == 0.0
+
+
+def test_budget_exact_overall_count_and_emphasis():
+    regions = box_regions(512, 224, [(0, 96, 0, 96)] * 512)  # 9 salient cells
+    masks = budget_masks(32, 0.4, 4.0, regions_bhw=regions, generator=gen())
+    masked = masks.masked_bhw.flatten(1)
+    assert (masked.sum(1) == round(49 * 0.4)).all()
+    ratios = masks.ratios()
+    assert float(ratios["salient"]) > 1.5 * float(ratios["background"])
+    plain = budget_masks(32, 0.4, 1.0, regions_bhw=regions, generator=gen()).ratios()
+    assert abs(float(plain["salient"]) - float(plain["background"])) < 0.05
+
+
+def test_budget_soft_saliency_prefers_high_saliency():
+    saliency = torch.zeros(256, 64, 64)
+    saliency[:, :, :32] = 1.0  # left half fully salient
+    masks = budget_masks(16, 0.5, 5.0, saliency_bhw=saliency, generator=gen())
+    left = masks.masked_bhw[:, :, :2].float().mean()
+    right = masks.masked_bhw[:, :, 2:].float().mean()
+    assert left > right + 0.2
+    assert (masks.masked_bhw.flatten(1).sum(1) == 8).all()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="divisible"):
+        grid_shape(100, 100, 32)
+    with pytest.raises(ValueError, match="ratio_salient"):
+        region_masks(torch.zeros(1, 64, 64), 32, 1.2, 0.4)
+    with pytest.raises(ValueError, match="exactly one"):
+        budget_masks(32, 0.4, 2.0)
+
+
+def test_upsample_cells():
+    cells = torch.tensor([[[True, False]]])
+    pixels = upsample_cells(cells, 2)
+    assert pixels.shape == (1, 2, 4) and pixels[0, :, :2].all() and not pixels[0, :, 2:].any()
