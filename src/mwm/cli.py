@@ -88,6 +88,47 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_FAILURES if report.failures else EXIT_OK
 
 
+def cmd_postprocess(args: argparse.Namespace) -> int:
+    from .files import write_json
+    from .localize.postprocess import PostprocessConfig, postprocess_folder
+    from .runlog import RunManifest
+
+    out = _require(args.out, "--out (the mask folder)")
+    crf = None
+    if args.crf:
+        crf = {"iterations": args.crf_iterations}
+    config = PostprocessConfig(method=args.method, threshold=args.threshold,
+                               top_k=args.top_k or None, fill=not args.no_fill,
+                               box_ratio=args.box_ratio, crf=crf)
+    with RunManifest(out, "postprocess", _config_of(args)) as run:
+        summary = postprocess_folder(args.saliency, out, config, images_dir=args.images,
+                                     boxes_dir=args.boxes_out, progress=not args.quiet)
+        write_json(Path(out) / "postprocess_config.json", config.to_dict())
+        run.add(**{k: v for k, v in summary.items() if k != "config"})
+    print(f"wrote {summary['n_written']} region masks to {out}"
+          + (f" and boxes to {args.boxes_out}" if args.boxes_out else ""))
+    return _finish(summary["failures"], "map")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .localize.evaluate import evaluate_folders
+    from .runlog import RunManifest
+
+    out = args.out or str(Path(args.pred).parent / f"{Path(args.pred).name}_eval")
+    with RunManifest(out, "evaluate", _config_of(args)) as run:
+        summary = evaluate_folders(args.pred, args.gt, out, tolerance_px=args.tolerance,
+                                   progress=not args.quiet)
+        run.add(n_gt=summary["n_gt"], n_missing=summary["n_missing"],
+                metrics=summary["metrics"])
+    print(f"{summary['n_gt']} ground-truth masks, {summary['n_missing']} without prediction "
+          f"(scored as empty), {summary['n_failed']} failed")
+    for name, stats in summary["metrics"].items():
+        if stats["mean"] is not None:
+            print(f"  {name:14s} {stats['mean']:.4f} ± {stats['std']:.4f}")
+    print(f"per-image table and summary: {out}")
+    return _finish(summary["failures"], "image")
+
+
 # --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +168,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NIfTI slicing axis (default: 2, axial for RAS volumes)")
     add_out(p)
     add_common(p, seed=False)
+
+    p = _add(sub, "postprocess", cmd_postprocess, "turn saliency maps into region masks "
+             "(threshold / Otsu / k-means or dense CRF, top-k components, holes, boxes)")
+    p.add_argument("saliency", help="folder of saliency maps (PNG, as `mwm localize` writes)")
+    add_out(p)
+    p.add_argument("--method", choices=("threshold", "otsu", "kmeans"), default="kmeans",
+                   help="binarization (default: kmeans, 2 clusters on the map values)")
+    p.add_argument("--threshold", type=float, default=0.3,
+                   help="for --method threshold: foreground where saliency > T (default 0.3)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="keep the K largest connected components (default 0 = all)")
+    p.add_argument("--no-fill", action="store_true", help="do not fill holes")
+    p.add_argument("--box-ratio", type=float, default=None,
+                   help="replace each component by its box scaled by R about its centre")
+    p.add_argument("--boxes-out", metavar="DIR", help="also write the (scaled) boxes here")
+    p.add_argument("--crf", action="store_true",
+                   help="dense CRF guided by the image instead of binarization (needs --images)")
+    p.add_argument("--crf-iterations", type=int, default=5, help="mean-field iterations")
+    p.add_argument("--images", metavar="DIR", help="the images the maps were made from (CRF)")
+    add_common(p, seed=False)
+
+    p = _add(sub, "evaluate", cmd_evaluate, "score predicted region masks against ground "
+             "truth (DSC, NSD, coverage, recall, box coverage/recall)")
+    p.add_argument("pred", help="folder of predicted masks")
+    p.add_argument("gt", help="folder of ground-truth masks (every one is scored)")
+    add_out(p)
+    p.add_argument("--tolerance", type=float, default=2.0,
+                   help="NSD tolerance in pixels (default 2)")
+    add_common(p, seed=False)
     return parser
 
 
@@ -162,6 +232,19 @@ def _config_of(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k != "func"}
 
 
+def _finish(failures: list[dict], unit: str) -> int:
+    """Summarize per-item failures of a batch job; non-zero exit if there were any."""
+    if not failures:
+        return EXIT_OK
+    print(f"{len(failures)} {unit}(s) failed:", file=sys.stderr)
+    for failure in failures[:20]:
+        print(f"  {failure.get('file') or failure.get('name')}: {failure.get('reason') or failure.get('error')}",
+              file=sys.stderr)
+    if len(failures) > 20:
+        print(f"  ... and {len(failures) - 20} more (see the output folder)", file=sys.stderr)
+    return EXIT_FAILURES
+
+
 def _require(value, what: str):
     if value in (None, ""):
         raise DataError(f"missing {what}: give it on the command line or in --config.")
@@ -169,7 +252,11 @@ def _require(value, what: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except DataError as err:
+        print(f"mwm: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     if args.command is None:
         build_parser().print_help()
         return EXIT_USAGE

@@ -52,7 +52,7 @@ def render_tile(tile: Tile, size: int) -> np.ndarray:
 
 
 def contact_sheet(tiles: list[Tile], *, columns: int = 6, tile_size: int = 160,
-                  caption_lines: int = 4, title: str = "") -> np.ndarray:
+                  caption_lines: int = 6, title: str = "") -> np.ndarray:
     """Lay ``tiles`` out in a grid with wrapped captions; return an RGB uint8 image."""
     from PIL import Image, ImageDraw, ImageFont
 

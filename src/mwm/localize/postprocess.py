@@ -1,0 +1,482 @@
+"""Saliency map → binary region mask.
+
+A vision-language model gives one saliency map per image (float in [0, 1], or an 8/16-bit
+PNG of it). This module turns it into a bool region mask ``(H, W)`` of the same size:
+
+1. **binarize** (:func:`binarize`) with a fixed threshold, Otsu's threshold or 2-cluster
+   k-means — or refine it with a dense CRF guided by the image (:mod:`mwm.localize.crf`);
+2. keep the **k largest connected components** (:func:`keep_largest_components`);
+3. **fill holes** (:func:`fill_holes`);
+4. optionally replace each component by its **bounding box**, scaled about its centre
+   (:func:`expand_boxes`).
+
+:func:`postprocess` runs the pipeline in one call; :class:`PostprocessConfig` holds its
+parameters and round-trips through a plain dict (saved as JSON next to the outputs);
+:func:`postprocess_folder` runs it over a folder of maps.
+
+Conventions (see ``docs/postprocess-and-metrics.md``):
+
+* saliency scale: ``uint8`` maps are divided by 255, ``uint16`` by 65535, ``bool`` is
+  0/1, float maps must already lie in [0, 1];
+* a **constant map** (no contrast, e.g. all zeros) gives an **empty** mask, whatever the
+  method or threshold: it carries no localization;
+* connected components are 8-connected by default (``connectivity=4`` available);
+  holes are background regions not 4-connected to the image border;
+* component order (for ties and for the list of boxes) is the raster order of each
+  component's first pixel: top-most row first, then left-most pixel in that row;
+* boxes are ``(x0, y0, x1, y1)`` with exclusive ends (``mask[y0:y1, x0:x1]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .crf import CRFParams
+
+BINARIZE_METHODS = ("threshold", "otsu", "kmeans")
+CONNECTIVITIES = (4, 8)
+Box = tuple[int, int, int, int]
+
+
+# --------------------------------------------------------------------------- inputs
+
+def as_unit_saliency(saliency: Any) -> np.ndarray:
+    """A saliency map as float64 ``(H, W)`` in [0, 1].
+
+    ``uint8`` → /255, ``uint16`` → /65535, ``bool`` → 0/1, floats kept (they must be finite
+    and within [0, 1]). A ``(H, W, 1)`` array or a gray image stored as three equal
+    channels is accepted; a colour-mapped rendering (channels differ) is refused.
+    """
+    arr = np.asarray(saliency)
+    if arr.ndim == 3 and arr.shape[2] in (1, 3, 4):
+        channels = arr[:, :, :3] if arr.shape[2] == 4 else arr
+        if not all(np.array_equal(channels[:, :, 0], channels[:, :, c])
+                   for c in range(1, channels.shape[2])):
+            raise ValueError(
+                f"saliency map must be gray (H, W); got {arr.shape[2]} channels that differ "
+                "(a colour-mapped rendering?). Save the raw map as a gray PNG.")
+        arr = channels[:, :, 0]
+    if arr.ndim != 2:
+        raise ValueError(f"saliency map must be 2-D (H, W), got shape {arr.shape}")
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float64)
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float64) / 255.0
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float64) / 65535.0
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"saliency map must be float in [0, 1], uint8, uint16 or bool; "
+                         f"got {arr.dtype}")
+    out = arr.astype(np.float64)
+    if out.size and not np.all(np.isfinite(out)):
+        raise ValueError("saliency map holds NaN or infinite values")
+    if out.size and (out.min() < -1e-6 or out.max() > 1.0 + 1e-6):
+        raise ValueError(f"float saliency map must lie in [0, 1], got values in "
+                         f"[{out.min():.4g}, {out.max():.4g}]")
+    return np.clip(out, 0.0, 1.0)
+
+
+def as_mask(mask: Any, name: str = "mask") -> np.ndarray:
+    """A 2-D bool array (non-zero = foreground)."""
+    arr = np.asarray(mask)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (H, W), got shape {arr.shape}")
+    return arr if arr.dtype == np.bool_ else arr != 0
+
+
+def _check_connectivity(connectivity: int) -> int:
+    if connectivity not in CONNECTIVITIES:
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
+    return int(connectivity)
+
+
+# --------------------------------------------------------------------------- binarize
+
+def binarize(saliency: Any, method: str = "threshold", threshold: float = 0.3) -> np.ndarray:
+    """Saliency map → bool mask.
+
+    * ``"threshold"``: foreground where the value (on the [0, 1] scale) is ``> threshold``;
+    * ``"otsu"``: the map is quantized to 256 levels (``round(p * 255)``) and split at
+      Otsu's threshold ``t`` (maximal between-class variance, first maximum), foreground
+      ``level > t`` — the same result as OpenCV's ``THRESH_OTSU`` on the 8-bit map;
+    * ``"kmeans"``: 1-D k-means with two clusters on the map values, centres initialized
+      at the minimum and maximum (deterministic), Lloyd iterations until the assignment is
+      stable; foreground = the cluster with the higher centre (a value exactly midway
+      between the centres goes to the lower cluster).
+
+    A constant map gives an empty mask for every method.
+    """
+    if method not in BINARIZE_METHODS:
+        raise ValueError(f"method must be one of {BINARIZE_METHODS}, got {method!r}")
+    p = as_unit_saliency(saliency)
+    if p.size == 0 or p.max() == p.min():
+        return np.zeros(p.shape, dtype=bool)
+    if method == "threshold":
+        threshold = float(threshold)
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        return p > threshold
+    if method == "otsu":
+        levels = np.rint(p * 255.0).astype(np.uint8)
+        return levels > otsu_level(levels)
+    low, high = kmeans_1d(p)
+    return p > (low + high) / 2.0
+
+
+def otsu_level(levels: np.ndarray) -> int:
+    """Otsu's threshold of 8-bit values: foreground is ``levels > otsu_level(levels)``."""
+    levels = np.asarray(levels)
+    if levels.dtype != np.uint8:
+        raise ValueError(f"otsu_level needs uint8 values, got {levels.dtype}")
+    hist = np.bincount(levels.ravel(), minlength=256).astype(np.float64)
+    prob = hist / max(hist.sum(), 1.0)
+    omega = np.cumsum(prob)                       # weight of class "<= t"
+    mu = np.cumsum(prob * np.arange(256))         # first moment of class "<= t"
+    mu_total = mu[-1]
+    denom = omega * (1.0 - omega)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sigma_b = np.where(denom > 0, (mu_total * omega - mu) ** 2 / denom, -1.0)
+    return int(np.argmax(sigma_b))                # first maximum
+
+
+def kmeans_1d(values: np.ndarray, max_iter: int = 100) -> tuple[float, float]:
+    """Centres (low, high) of 2-cluster k-means on ``values``, initialized at min and max."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    low, high = float(v.min()), float(v.max())
+    if low == high:
+        return low, high
+    fg = v > (low + high) / 2.0
+    for _ in range(max_iter):
+        low, high = float(v[~fg].mean()), float(v[fg].mean())
+        new_fg = v > (low + high) / 2.0
+        if np.array_equal(new_fg, fg):
+            break
+        fg = new_fg
+    return low, high
+
+
+# --------------------------------------------------------------------------- components
+
+@dataclass(frozen=True)
+class Components:
+    """Connected components of a mask, in raster order of their first pixel.
+
+    ``labels`` is the label image (0 = background); ``ids[i]`` is the label of the i-th
+    component, ``areas[i]`` its pixel count, ``boxes[i]`` its tight box
+    ``(x0, y0, x1, y1)`` with exclusive ends.
+    """
+
+    labels: np.ndarray
+    ids: np.ndarray
+    areas: np.ndarray
+    boxes: np.ndarray  # (n, 4) int64
+
+    def __len__(self) -> int:
+        return int(self.ids.size)
+
+
+def connected_components(mask: Any, connectivity: int = 8) -> Components:
+    """Label the components of ``mask`` (OpenCV) and order them by their first pixel."""
+    import cv2
+
+    mask = as_mask(mask)
+    connectivity = _check_connectivity(connectivity)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(
+        mask.astype(np.uint8), connectivity=connectivity, ltype=cv2.CV_32S)
+    if n <= 1:
+        return Components(labels, np.zeros(0, np.int64), np.zeros(0, np.int64),
+                          np.zeros((0, 4), np.int64))
+    # OpenCV's label numbering depends on its scan algorithm; order explicitly by the
+    # raster index of each component's first pixel so ties are broken the same everywhere.
+    found, first = np.unique(labels.ravel(), return_index=True)
+    ids = found[found > 0]
+    first = first[found > 0]
+    ids = ids[np.argsort(first, kind="stable")]
+    x, y, w, h, area = (stats[ids, i].astype(np.int64) for i in range(5))
+    boxes = np.stack([x, y, x + w, y + h], axis=1)
+    return Components(labels, ids.astype(np.int64), area, boxes)
+
+
+def keep_largest_components(mask: Any, k: int | None, connectivity: int = 8) -> np.ndarray:
+    """Keep exactly the ``k`` largest connected components (all of them if fewer).
+
+    Equal areas are broken by raster order of the components' first pixels (the
+    component whose top-most, then left-most, pixel comes first wins). ``k`` None or
+    ``<= 0`` keeps every component.
+    """
+    mask = as_mask(mask)
+    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer))):
+        raise ValueError(f"k must be an integer or None, got {k!r}")
+    if k is None or k <= 0:
+        return mask.copy()
+    comps = connected_components(mask, connectivity)
+    if len(comps) <= k:
+        return mask.copy()
+    # stable sort by decreasing area keeps the raster order among equal areas
+    order = np.argsort(-comps.areas, kind="stable")[: int(k)]
+    keep = np.zeros(int(comps.labels.max()) + 1, dtype=bool)
+    keep[comps.ids[order]] = True
+    return keep[comps.labels]
+
+
+def fill_holes(mask: Any) -> np.ndarray:
+    """Fill background regions enclosed by the mask (not 4-connected to the border)."""
+    from scipy import ndimage
+
+    return ndimage.binary_fill_holes(as_mask(mask))
+
+
+# --------------------------------------------------------------------------- boxes
+
+def component_boxes(mask: Any, connectivity: int = 8) -> list[Box]:
+    """Tight box ``(x0, y0, x1, y1)`` (exclusive ends) of each connected component."""
+    return [tuple(int(v) for v in box) for box in connected_components(mask, connectivity).boxes]
+
+
+def scale_box(box: Box, ratio: float, shape: tuple[int, int]) -> Box:
+    """Scale a box about its centre by ``ratio`` and clamp it to an image of ``shape``.
+
+    Each side moves out by ``round_half_up((ratio * w - w) / 2)`` pixels horizontally
+    (``h`` vertically), so the growth is the same on both sides and the new width is
+    ``w + 2 * margin`` (``ratio * w`` rounded to a size of the same parity as ``w``).
+    Clamping cuts the box at the image border; it does not shift it.
+    """
+    ratio = _check_ratio(ratio)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    height, width = int(shape[0]), int(shape[1])
+    mx = _margin(x1 - x0, ratio)
+    my = _margin(y1 - y0, ratio)
+    return max(0, x0 - mx), max(0, y0 - my), min(width, x1 + mx), min(height, y1 + my)
+
+
+def expanded_boxes(mask: Any, ratio: float = 1.0, connectivity: int = 8) -> list[Box]:
+    """The boxes :func:`expand_boxes` fills, one per component (raster order)."""
+    mask = as_mask(mask)
+    return [scale_box(b, ratio, mask.shape) for b in component_boxes(mask, connectivity)]
+
+
+def expand_boxes(mask: Any, ratio: float = 1.0, connectivity: int = 8) -> np.ndarray:
+    """Union of each component's bounding box scaled by ``ratio`` (see :func:`scale_box`).
+
+    ``ratio=1`` gives the tight boxes.
+    """
+    mask = as_mask(mask)
+    return boxes_to_mask(expanded_boxes(mask, ratio, connectivity), mask.shape)
+
+
+def boxes_to_mask(boxes: Any, shape: tuple[int, int]) -> np.ndarray:
+    """Bool mask of ``shape``, true inside any of the boxes."""
+    out = np.zeros((int(shape[0]), int(shape[1])), dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        out[max(0, int(y0)):max(0, int(y1)), max(0, int(x0)):max(0, int(x1))] = True
+    return out
+
+
+def _check_ratio(ratio: float) -> float:
+    ratio = float(ratio)
+    if not math.isfinite(ratio) or ratio < 1.0:
+        raise ValueError(f"box ratio must be a finite number >= 1, got {ratio}")
+    return ratio
+
+
+def _margin(size: int, ratio: float) -> int:
+    # round half up; the epsilon absorbs binary representation error (5 * 1.2 - 5 = 0.999..)
+    return int(math.floor((size * ratio - size) / 2.0 + 0.5 + 1e-9))
+
+
+# --------------------------------------------------------------------------- pipeline
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """Parameters of :func:`postprocess`; ``to_dict``/``from_dict`` round-trip via JSON.
+
+    ``crf`` None = binarize with ``method``/``threshold``; otherwise a
+    :class:`~mwm.localize.crf.CRFParams` and the dense CRF replaces binarization.
+    """
+
+    method: str = "kmeans"
+    threshold: float = 0.3
+    top_k: int | None = None
+    fill: bool = True
+    box_ratio: float | None = None
+    crf: "CRFParams | None" = None
+    connectivity: int = 8
+
+    def __post_init__(self) -> None:
+        if self.method not in BINARIZE_METHODS:
+            raise ValueError(f"method must be one of {BINARIZE_METHODS}, got {self.method!r}")
+        if not 0.0 <= float(self.threshold) <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.top_k is not None and (isinstance(self.top_k, bool)
+                                       or not isinstance(self.top_k, (int, np.integer))):
+            raise ValueError(f"top_k must be an integer or None, got {self.top_k!r}")
+        if self.box_ratio is not None:
+            _check_ratio(self.box_ratio)
+        _check_connectivity(self.connectivity)
+        object.__setattr__(self, "crf", _crf_params(self.crf))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["crf"] = None if self.crf is None else self.crf.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PostprocessConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown postprocess parameter(s): {', '.join(unknown)}")
+        return cls(**dict(data))
+
+    def apply(self, saliency: Any, image: Any = None) -> np.ndarray:
+        """Run :func:`postprocess` with these parameters."""
+        return _pipeline(as_unit_saliency(saliency), self, image)[1]
+
+
+def _crf_params(crf: Any) -> "CRFParams | None":
+    if crf is None or crf is False:
+        return None
+    from .crf import CRFParams
+
+    if crf is True:
+        return CRFParams()
+    if isinstance(crf, CRFParams):
+        return crf
+    if isinstance(crf, Mapping):
+        return CRFParams.from_dict(crf)
+    raise ValueError(f"crf must be None, True, a CRFParams or a dict, got {type(crf).__name__}")
+
+
+def postprocess(saliency: Any, *, method: str = "kmeans", threshold: float = 0.3,
+                top_k: int | None = None, fill: bool = True, box_ratio: float | None = None,
+                crf: Any = None, image: Any = None, connectivity: int = 8) -> np.ndarray:
+    """Saliency map → bool region mask of the same size, in one call.
+
+    Binarize (``method``, ``threshold``) — or, when ``crf`` is given (True, a
+    :class:`~mwm.localize.crf.CRFParams` or a dict of its fields), refine with a dense CRF
+    guided by ``image`` (uint8 RGB ``(H, W, 3)`` or gray ``(H, W)``) — then keep the
+    ``top_k`` largest components (None/0 = all), fill holes if ``fill``, and if
+    ``box_ratio`` is set replace the components by their boxes scaled by it.
+    A constant map gives an empty mask.
+    """
+    config = PostprocessConfig(method=method, threshold=threshold, top_k=top_k, fill=fill,
+                               box_ratio=box_ratio, crf=crf, connectivity=connectivity)
+    return config.apply(saliency, image)
+
+
+def _pipeline(p: np.ndarray, config: PostprocessConfig,
+              image: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(region mask before boxes, final mask) for a [0, 1] map."""
+    if config.crf is not None:
+        if image is None:
+            raise ValueError("the dense CRF needs the image (uint8 RGB or gray) the map "
+                             "was computed on; pass image=...")
+        from .crf import dense_crf
+
+        if p.size == 0 or p.max() == p.min():
+            region = np.zeros(p.shape, dtype=bool)
+        else:
+            region = dense_crf(p, image, config.crf)
+    else:
+        region = binarize(p, config.method, config.threshold)
+    region = keep_largest_components(region, config.top_k, config.connectivity)
+    if config.fill:
+        region = fill_holes(region)
+    final = region
+    if config.box_ratio is not None:
+        final = expand_boxes(region, config.box_ratio, config.connectivity)
+    return region, final
+
+
+# --------------------------------------------------------------------------- folders
+
+def postprocess_folder(saliency_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                       config: PostprocessConfig | Mapping[str, Any] | None = None, *,
+                       images_dir: str | os.PathLike | None = None,
+                       boxes_dir: str | os.PathLike | None = None,
+                       progress: bool = True) -> dict[str, Any]:
+    """Postprocess every saliency map in ``saliency_dir``.
+
+    Writes ``out_dir/<name>.png`` (uint8 0/255, the map's size) = :func:`postprocess` of
+    the map with ``config``. If ``boxes_dir`` is given, also writes there the boxes of the
+    region mask (before any box step) scaled by ``config.box_ratio`` (1 = tight boxes when
+    unset). ``images_dir`` is required for the CRF; images pair with maps by name (file
+    stem, any extension). A map that fails (unreadable, wrong size, missing image) is
+    recorded in ``failures`` and the others go on.
+
+    Returns ``{"n_maps", "n_written", "n_failed", "failures": [{"name", "file",
+    "reason"}], "out_dir", "boxes_dir", "config"}``.
+    """
+    from ..data.io import DataError, read_image
+    from ..data.layouts import find_images
+    from ..files import safe_child, write_png
+    from ..progress import progress as progress_bar
+
+    if config is None:
+        config = PostprocessConfig()
+    elif isinstance(config, Mapping):
+        config = PostprocessConfig.from_dict(config)
+    if config.crf is not None and images_dir is None:
+        raise ValueError("the dense CRF needs the images: pass images_dir (images are "
+                         "paired with saliency maps by file stem).")
+    if config.crf is not None:
+        from .crf import INSTALL_HINT, crf_available
+
+        if not crf_available():
+            raise ImportError(INSTALL_HINT)
+    maps = find_images(saliency_dir)
+    images = {ref.name: ref for ref in find_images(images_dir)} if config.crf is not None else {}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if boxes_dir is not None:
+        Path(boxes_dir).mkdir(parents=True, exist_ok=True)
+    box_ratio = config.box_ratio if config.box_ratio is not None else 1.0
+
+    failures: list[dict[str, str]] = []
+    written = 0
+    for ref in progress_bar(maps, total=len(maps), desc="postprocess", unit="map",
+                            enabled=progress):
+        try:
+            p = as_unit_saliency(read_image(ref).pixels)
+            image = None
+            if config.crf is not None:
+                image = _crf_image(ref.name, images, images_dir, p.shape)
+            region, final = _pipeline(p, config, image)
+            targets = [(safe_child(out_dir, f"{ref.name}.png"), final)]
+            if boxes_dir is not None:
+                boxes = expand_boxes(region, box_ratio, config.connectivity)
+                targets.append((safe_child(boxes_dir, f"{ref.name}.png"), boxes))
+            for path, mask in targets:
+                write_png(path, mask.astype(np.uint8) * 255)
+            written += 1
+        except (DataError, ValueError, OSError, ImportError) as err:
+            failures.append({"name": ref.name, "file": str(ref.path),
+                             "reason": f"{type(err).__name__}: {err}"})
+    return {"n_maps": len(maps), "n_written": written, "n_failed": len(failures),
+            "failures": failures, "out_dir": str(out_dir),
+            "boxes_dir": None if boxes_dir is None else str(boxes_dir),
+            "config": config.to_dict()}
+
+
+def _crf_image(name: str, images: Mapping[str, Any], images_dir: Any,
+               shape: tuple[int, int]) -> np.ndarray:
+    from ..data.io import DataError, read_image
+    from .crf import image_to_rgb8
+
+    ref = images.get(name)
+    if ref is None:
+        raise DataError(f"no image named {name}.* in {images_dir}; the CRF needs the image "
+                        "each saliency map was computed on.")
+    rgb = image_to_rgb8(read_image(ref))
+    if rgb.shape[:2] != tuple(shape):
+        raise DataError(f"{ref.path}: image is {rgb.shape[1]}x{rgb.shape[0]} (WxH) but its "
+                        f"saliency map is {shape[1]}x{shape[0]}; they must have the same size.")
+    return rgb
