@@ -110,6 +110,21 @@ def cmd_postprocess(args: argparse.Namespace) -> int:
     return _finish(summary["failures"], "map")
 
 
+def cmd_refine(args: argparse.Namespace) -> int:
+    from .localize.refine import SamRefiner, refine_folder
+    from .runlog import RunManifest
+    from .utils import resolve_device
+
+    out = _require(args.out, "--out (the refined mask folder)")
+    with RunManifest(out, "refine", _config_of(args)) as run:
+        refiner = SamRefiner.from_pretrained(args.model, device=str(resolve_device(args.device)))
+        summary = refine_folder(args.images, args.masks, out, refiner, top_k=args.top_k or None,
+                                progress=not args.quiet)
+        run.add(**summary)
+    print(f"refined {summary['n_written']} of {summary['n_masks']} masks into {out}")
+    return _finish(summary["failures"], "mask")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .localize.evaluate import evaluate_folders
     from .runlog import RunManifest
@@ -188,6 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf-iterations", type=int, default=5, help="mean-field iterations")
     p.add_argument("--images", metavar="DIR", help="the images the maps were made from (CRF)")
     add_common(p, seed=False)
+
+    p = _add(sub, "refine", cmd_refine, "refine coarse region masks with SAM box prompts "
+             "(one box per component)")
+    p.add_argument("images", help="image folder")
+    p.add_argument("masks", help="coarse mask folder (paired with the images by file stem)")
+    add_out(p)
+    p.add_argument("--model", default="facebook/sam-vit-base",
+                   help="transformers SamModel checkpoint: hub id (SAM, MedSAM e.g. "
+                   "wanglab/medsam-vit-base) or local folder (default: facebook/sam-vit-base)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="components to keep (default 0 = as many as the coarse mask has)")
+    add_common(p, seed=False, device=True)
 
     p = _add(sub, "evaluate", cmd_evaluate, "score predicted region masks against ground "
              "truth (DSC, NSD, coverage, recall, box coverage/recall)")
