@@ -15,7 +15,8 @@ class CountingSaliency:
     def __init__(self):
         self.calls = 0
 
-    def __call__(self, images, prompts):
+    def __call__(self, images, prompts, names):
+        assert len(names) == len(images)
         self.calls += len(images)
         return [im[0] / max(float(im[0].max()), 1e-6) for im in images]
 

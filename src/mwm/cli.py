@@ -9,6 +9,8 @@ folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -88,6 +90,54 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_FAILURES if report.failures else EXIT_OK
 
 
+def cmd_localize(args: argparse.Namespace) -> int:
+    from .data.layouts import attach_prompts, load_prompts, open_dataset, replace_masks
+    from .files import write_json
+    from .localize.m2ib import M2IBConfig, saliency_maps
+    from .localize.postprocess import PostprocessConfig
+    from .localize.run import localize_samples, model_identity
+    from .localize.tune import pick_validation, tune
+    from .localize.vlm import load_vlm
+    from .runlog import RunManifest
+    from .utils import resolve_device
+
+    out = _require(args.out, "--out (the saliency map folder)")
+    if not args.prompt and not args.prompts:
+        raise DataError("give the prompt: --prompt TEXT (one for all images; 'a|b' is an "
+                        "ensemble) or --prompts FILE (per image, JSON or CSV).")
+    prompts = load_prompts(args.prompts) if args.prompts else None
+    samples = attach_prompts(open_dataset(args.images).samples, prompts, args.prompt,
+                             source=args.prompts or "--prompt")
+    config = M2IBConfig(layer=args.layer, beta=args.beta, noise_scale=args.noise_scale,
+                        steps=args.steps, samples=args.samples, lr=args.m2ib_lr, seed=args.seed,
+                        batch_size=args.batch_size, amp=args.amp)
+    with RunManifest(out, "localize", _config_of(args), args.seed) as run:
+        adapter = load_vlm(args.model, device=str(resolve_device(args.device)),
+                           trust_remote_code=args.trust_remote_code)
+        config.validate(adapter.depth)
+        if args.tune:
+            val_images, val_masks = args.tune
+            val = attach_prompts(replace_masks(open_dataset(val_images).samples, val_masks),
+                                 prompts, args.prompt, source=args.prompts or "--prompt")
+            post = PostprocessConfig(method=args.method, threshold=args.threshold,
+                                     top_k=args.top_k or None)
+            config, rows = tune(pick_validation(val, args.tune_images, args.seed),
+                                lambda im, pr, names, cfg: saliency_maps(adapter, im, pr, cfg, keys=names),
+                                config, post, out, depth=adapter.depth, progress=not args.quiet)
+            print(f"tuned on {rows[0]['n_images']} validation images: best beta {config.beta}, "
+                  f"layer {config.layer}, noise-scale {config.noise_scale} "
+                  f"(DSC {max(r['dice_mean'] for r in rows):.3f}); table in {out}/tune_table.csv")
+        write_json(Path(out) / "m2ib_config.json", {"model": args.model, **config.to_dict()})
+        summary = localize_samples(
+            samples, out, lambda im, pr, names: saliency_maps(adapter, im, pr, config, keys=names),
+            model_id=model_identity(args.model), params=config.to_dict(),
+            batch_size=config.batch_size, progress=not args.quiet)
+        run.add(**summary.to_dict(), m2ib=config.to_dict())
+    print(f"{summary.n_written} saliency maps written, {summary.n_skipped} up to date (skipped), "
+          f"into {out}")
+    return _finish(summary.failures, "image")
+
+
 def cmd_postprocess(args: argparse.Namespace) -> int:
     from .files import write_json
     from .localize.postprocess import PostprocessConfig, postprocess_folder
@@ -123,6 +173,46 @@ def cmd_refine(args: argparse.Namespace) -> int:
         run.add(**summary)
     print(f"refined {summary['n_written']} of {summary['n_masks']} masks into {out}")
     return _finish(summary["failures"], "mask")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .pretrain.train import PretrainConfig, pretrain
+    from .runlog import RunManifest
+
+    out = _require(args.out, "--out (the run folder)")
+    masking = args.masking or ("region" if args.regions else "random")
+    cfg = PretrainConfig(
+        images=args.images, out=out, regions=args.regions, model=args.model,
+        input_size=args.input_size, decoder_width=args.decoder_width, masking=masking,
+        ratio=args.ratio, ratio_salient=args.ratio_salient, ratio_background=args.ratio_background,
+        emphasis=args.emphasis, occupancy=args.occupancy, empty_ratio=args.empty_ratio,
+        epochs=args.epochs, batch_size=args.batch_size, accumulate=args.accumulate, lr=args.lr,
+        base_lr=args.base_lr, warmup_epochs=args.warmup_epochs, optimizer=args.optimizer,
+        wd=args.wd, wd_end=args.wd_end, clip=args.clip or None, amp=args.amp,
+        channels_last=not args.no_channels_last, norm_pix_loss=not args.no_norm_pix_loss,
+        sync_bn=args.sync_bn, seed=args.seed, workers=args.workers if args.workers is not None else 2,
+        device=args.device, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        max_steps=args.max_steps, quiet=args.quiet)
+    main_rank = int(os.environ.get("RANK", 0)) == 0
+    manifest = RunManifest(out, "pretrain", cfg.to_dict(), args.seed) if main_rank else None
+    with manifest or contextlib.nullcontext():
+        summary = pretrain(cfg)
+        if manifest:
+            manifest.add(steps=summary.steps, epochs=summary.epochs_done, final_loss=summary.final_loss,
+                         images_per_second=round(summary.images_per_second, 2),
+                         encoder=summary.encoder_path, ranks_agree=summary.ranks_agree,
+                         realized_mask_ratios=summary.realized)
+    if main_rank:
+        loss = "n/a" if summary.final_loss is None else f"{summary.final_loss:.4f}"
+        print(f"pretrained {summary.steps} steps ({summary.epochs_done} epochs) in "
+              f"{summary.seconds:.0f} s, {summary.images_per_second:.1f} images/s, last loss {loss}")
+        if summary.realized:
+            print("realized mask ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.realized.items()))
+        print(f"checkpoint: {out}/checkpoint.pt  encoder: {summary.encoder_path}")
+    if summary.ranks_agree is False:
+        print("error: distributed ranks ended with different weights", file=sys.stderr)
+        return EXIT_FAILURES
+    return EXIT_OK
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -184,6 +274,39 @@ def build_parser() -> argparse.ArgumentParser:
     add_out(p)
     add_common(p, seed=False)
 
+    from .localize.hub import DEFAULT_SAM, DEFAULT_VLM
+
+    p = _add(sub, "localize", cmd_localize, "saliency maps of what a text prompt names, from "
+             "a vision-language model with the M2IB information bottleneck")
+    p.add_argument("images", help="image folder, phantom folder or CSV manifest")
+    p.add_argument("--prompt", help="one prompt for every image; 'a|b' averages an ensemble")
+    p.add_argument("--prompts", metavar="FILE", help="per-image prompts (JSON or CSV); "
+                   "--prompt then covers images the file lacks")
+    add_out(p)
+    p.add_argument("--model", default=DEFAULT_VLM,
+                   help="open_clip hf-hub:ORG/REPO, NAME:TAG, local-dir:PATH or a folder "
+                   "(e.g. from `mwm clip train`), or a transformers CLIP id (default: BiomedCLIP)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a transformers model's own code to run (off by default)")
+    p.add_argument("--layer", type=int, default=7, help="vision block (0-based) whose output "
+                   "passes the bottleneck (default 7)")
+    p.add_argument("--beta", type=float, default=1.0, help="weight of the information term")
+    p.add_argument("--noise-scale", type=float, default=1.0, help="std of the noise and prior")
+    p.add_argument("--steps", type=int, default=10, help="Adam steps per image")
+    p.add_argument("--samples", type=int, default=10, help="noise draws per step")
+    p.add_argument("--m2ib-lr", type=float, default=1.0, help="Adam learning rate on alpha")
+    p.add_argument("--batch-size", type=int, default=8, help="images optimized together")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (faster on CPU and GPU)")
+    p.add_argument("--tune", nargs=2, metavar=("VAL_IMAGES", "VAL_MASKS"),
+                   help="grid-search beta x layer x noise-scale on validation masks first, "
+                   "scored by DSC after the postprocessing below; the run uses the best")
+    p.add_argument("--tune-images", type=int, default=20, help="validation images for --tune")
+    p.add_argument("--method", choices=("threshold", "otsu", "kmeans"), default="kmeans",
+                   help="postprocessing used to score --tune (use the same in `mwm postprocess`)")
+    p.add_argument("--threshold", type=float, default=0.3)
+    p.add_argument("--top-k", type=int, default=0)
+    add_common(p, device=True)
+
     p = _add(sub, "postprocess", cmd_postprocess, "turn saliency maps into region masks "
              "(threshold / Otsu / k-means or dense CRF, top-k components, holes, boxes)")
     p.add_argument("saliency", help="folder of saliency maps (PNG, as `mwm localize` writes)")
@@ -209,12 +332,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", help="image folder")
     p.add_argument("masks", help="coarse mask folder (paired with the images by file stem)")
     add_out(p)
-    p.add_argument("--model", default="facebook/sam-vit-base",
+    p.add_argument("--model", default=DEFAULT_SAM,
                    help="transformers SamModel checkpoint: hub id (SAM, MedSAM e.g. "
                    "wanglab/medsam-vit-base) or local folder (default: facebook/sam-vit-base)")
     p.add_argument("--top-k", type=int, default=0,
                    help="components to keep (default 0 = as many as the coarse mask has)")
     add_common(p, seed=False, device=True)
+
+    p = _add(sub, "pretrain", cmd_pretrain, "SparK-style sparse masked pretraining of a timm "
+             "CNN, masking the text-localized region heavily and the background lightly")
+    p.add_argument("images", help="image folder, phantom folder or CSV manifest (train split used)")
+    p.add_argument("--regions", metavar="DIR", help="region masks paired with the images by stem "
+                   "(from `mwm postprocess`); without it masking is random")
+    add_out(p)
+    p.add_argument("--model", default="resnet50", help="timm encoder (ResNet or ConvNeXt family, "
+                   "e.g. resnet18, resnet50, convnext_tiny; default resnet50)")
+    p.add_argument("--input-size", type=int, default=224, help="pixels, a multiple of 32")
+    p.add_argument("--decoder-width", type=int, default=None, help="decoder channels at the "
+                   "smallest scale (default: per encoder family)")
+    p.add_argument("--masking", choices=("random", "region", "budget", "soft"), default=None,
+                   help="random; region (ratio-salient inside, ratio-background outside); budget "
+                   "(exact --ratio overall, salient cells --emphasis times as likely); soft "
+                   "(budget weighted by continuous saliency maps given as --regions). "
+                   "Default: region with --regions, else random")
+    p.add_argument("--ratio", type=float, default=0.6, help="overall ratio (random, budget, soft)")
+    p.add_argument("--ratio-salient", type=float, default=0.8, help="mask ratio inside the region")
+    p.add_argument("--ratio-background", type=float, default=0.4, help="mask ratio outside it")
+    p.add_argument("--emphasis", type=float, default=3.0, help="budget/soft: salient weight")
+    p.add_argument("--occupancy", type=float, default=0.5,
+                   help="fraction of a cell the region must cover to make it salient")
+    p.add_argument("--empty-ratio", type=float, default=None,
+                   help="ratio for images with an empty region (default: --ratio-background)")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate, used as given (default: base-lr x global batch / 256)")
+    p.add_argument("--base-lr", type=float, default=2e-4)
+    p.add_argument("--warmup-epochs", type=float, default=5.0)
+    p.add_argument("--optimizer", choices=("lamb", "adamw"), default="lamb")
+    p.add_argument("--wd", type=float, default=0.04, help="weight decay at the start")
+    p.add_argument("--wd-end", type=float, default=0.2, help="weight decay at the end (cosine)")
+    p.add_argument("--clip", type=float, default=5.0, help="gradient norm clip (0 = off)")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
+                   help="mixed precision (auto = bf16; fp16 with a grad scaler needs a GPU)")
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--no-norm-pix-loss", action="store_true", help="unnormalized pixel targets")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="optimizer steps")
+    p.add_argument("--resume", metavar="PATH|auto",
+                   help="continue from a checkpoint (run folder or checkpoint.pt; auto = --out's "
+                   "own checkpoint if any). A missing path is an error")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps "
+                   "(resumable)")
+    add_common(p, workers=True, device=True)
 
     p = _add(sub, "evaluate", cmd_evaluate, "score predicted region masks against ground "
              "truth (DSC, NSD, coverage, recall, box coverage/recall)")

@@ -236,15 +236,20 @@ def open_dataset(source: str | os.PathLike, masks: str | os.PathLike | None = No
 
     * a ``.csv`` file → CSV manifest;
     * a folder with ``labels.csv`` (as ``mwm phantoms`` writes) → that manifest;
+      with ``masks``, each sample's mask is replaced by the one of the same name there
+      (labels and splits are kept);
     * a folder with ``images/`` → paired with ``masks`` or its own ``masks/`` if present;
     * a folder with ``train/``, ``val/`` or ``test/`` → class folders;
     * any other folder or image file → plain images (paired with ``masks`` if given).
     """
     source = Path(source)
-    if source.is_file() and source.suffix.lower() == ".csv":
-        return _with_classes(read_manifest(source, axis), "manifest")
-    if source.is_dir() and masks is None and (source / "labels.csv").is_file():
-        return _with_classes(read_manifest(source / "labels.csv", axis), "manifest")
+    manifest = source if source.is_file() and source.suffix.lower() == ".csv" else \
+        source / "labels.csv" if source.is_dir() and (source / "labels.csv").is_file() else None
+    if manifest is not None:
+        samples = read_manifest(manifest, axis)
+        if masks is not None:
+            samples = replace_masks(samples, masks, axis=axis, require_masks=require_masks)
+        return _with_classes(samples, "manifest")
     if source.is_dir() and (source / "images").is_dir():
         masks = masks or (source / "masks" if (source / "masks").is_dir() else None)
         source = source / "images"
@@ -257,6 +262,19 @@ def open_dataset(source: str | os.PathLike, masks: str | os.PathLike | None = No
     if require_masks:
         raise DataError(f"{source}: region masks are required; pass the mask folder.")
     return Dataset([Sample(ref) for ref in find_images(source, axis)], "images", [])
+
+
+def replace_masks(samples: list[Sample], masks: str | os.PathLike, *, axis: int = 2,
+                  require_masks: bool = True) -> list[Sample]:
+    """The same samples with masks taken from the folder ``masks`` (paired by name)."""
+    by_name = {ref.name: ref for ref in find_images(masks, axis)}
+    out = []
+    for sample in samples:
+        mask = by_name.get(sample.name)
+        if mask is None and require_masks:
+            raise DataError(f"{sample.image.path}: no mask named {sample.name}.* in {masks}.")
+        out.append(replace(sample, mask=mask))
+    return out
 
 
 def _with_classes(samples: list[Sample], layout: str) -> Dataset:

@@ -20,9 +20,9 @@ from ..data.io import DataError, read_mask, read_slice, to_model_input
 from ..data.layouts import find_images
 from ..files import safe_child, write_png
 from ..progress import progress as progress_bar
+from .hub import DEFAULT_SAM
 from .postprocess import component_boxes, keep_largest_components
 
-DEFAULT_SAM = "facebook/sam-vit-base"
 
 
 class SamRefiner:

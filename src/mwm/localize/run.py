@@ -75,13 +75,16 @@ class LocalizeSummary:
                 "failures": self.failures}
 
 
-SaliencyFn = Callable[[list[np.ndarray], list], list[np.ndarray]]
+SaliencyFn = Callable[[list[np.ndarray], list, list[str]], list[np.ndarray]]
 
 
 def localize_samples(samples: list[Sample], out_dir: str | Path, saliency_fn: SaliencyFn, *,
                      model_id: str, params: dict, batch_size: int = 8,
                      progress: bool = True, shard_items: bool = True) -> LocalizeSummary:
-    """Write one saliency PNG per sample; ``saliency_fn(images, prompts) -> maps``.
+    """Write one saliency PNG per sample; ``saliency_fn(images, prompts, names) -> maps``.
+
+    ``names`` (the samples' names) seed each image's noise, so a map does not depend on
+    which batch its image landed in.
 
     ``samples`` carry their prompt (``Sample.prompt``; a ``|``-separated prompt is an
     ensemble). Up-to-date maps are skipped, failed images recorded, the rest goes on.
@@ -125,7 +128,7 @@ def _run_batch(batch: list[tuple[Sample, Path, str]], saliency_fn: SaliencyFn,
                                      "reason": str(err)})
     if not ready:
         return
-    maps = saliency_fn(images, prompts)
+    maps = saliency_fn(images, prompts, [sample.name for sample, _, _ in ready])
     for (sample, target, stamp), saliency in zip(ready, maps):
         pixels = np.clip(np.round(np.asarray(saliency) * 255.0), 0, 255).astype(np.uint8)
         write_png(target, pixels, text={FINGERPRINT_KEY: stamp})

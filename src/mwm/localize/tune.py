@@ -27,7 +27,10 @@ from ..metrics import dice
 from ..progress import progress as progress_bar
 from .postprocess import PostprocessConfig
 
-DEFAULT_GRID = {"beta": (0.1, 1.0, 2.0), "layer": (7, 8, 9), "noise_scale": (0.5, 1.0, 2.0)}
+def default_grid(depth: int) -> dict[str, tuple]:
+    """beta x layer x noise_scale; layers 7, 8, 9 for a 12-block ViT (depth-5 .. depth-3)."""
+    layers = tuple(sorted({min(max(0, depth - k), depth - 1) for k in (5, 4, 3)}))
+    return {"beta": (0.1, 1.0, 2.0), "layer": layers, "noise_scale": (0.5, 1.0, 2.0)}
 
 
 def pick_validation(samples: list[Sample], n_images: int, seed: int = 0) -> list[Sample]:
@@ -38,15 +41,15 @@ def pick_validation(samples: list[Sample], n_images: int, seed: int = 0) -> list
 
 
 def tune(samples: list[Sample], saliency_fn: Callable, base_config, post: PostprocessConfig,
-         out_dir: str | Path, *, grid: dict[str, Sequence] | None = None,
+         out_dir: str | Path, *, depth: int = 12, grid: dict[str, Sequence] | None = None,
          progress: bool = True) -> tuple[object, list[dict]]:
     """Score every grid point; write ``tune_table.csv`` and ``tune_best.json``.
 
-    ``saliency_fn(images, prompts, config) -> maps``; ``base_config`` is an
+    ``saliency_fn(images, prompts, names, config) -> maps``; ``base_config`` is an
     ``M2IBConfig`` whose grid fields are replaced point by point. Returns the best
     config and the table rows (sorted as evaluated).
     """
-    grid = grid or DEFAULT_GRID
+    grid = grid or default_grid(depth)
     images, prompts, truths = [], [], []
     for sample in samples:
         image = read_slice(sample.image)
@@ -59,7 +62,7 @@ def tune(samples: list[Sample], saliency_fn: Callable, base_config, post: Postpr
     for values in progress_bar(points, total=len(points), desc="tune", unit="combo",
                                enabled=progress):
         config = replace(base_config, **dict(zip(keys, values)))
-        maps = saliency_fn(images, prompts, config)
+        maps = saliency_fn(images, prompts, [s.name for s in samples], config)
         scores = [dice(post.apply(m), t) for m, t in zip(maps, truths)]
         rows.append({**dict(zip(keys, values)), "dice_mean": float(np.mean(scores)),
                      "dice_std": float(np.std(scores)), "n_images": len(scores)})

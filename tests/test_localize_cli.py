@@ -1,0 +1,74 @@
+"""`mwm localize` → `postprocess` → `evaluate` end to end with a tiny local open_clip model."""
+
+import json
+
+import cv2
+import pytest
+
+from mwm.cli import main
+from vlm_fixtures import write_open_clip_dir
+
+FAST = ["--layer", "1", "--steps", "2", "--samples", "2", "--batch-size", "4", "--quiet",
+        "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from mwm.data.phantoms import generate_phantoms
+
+    root = tmp_path_factory.mktemp("loc")
+    generate_phantoms(root / "ph", n=6, size=48, seed=1, workers=1, progress=False)
+    model = write_open_clip_dir(root / "model")
+    return root, root / "ph", f"local-dir:{model}"
+
+
+def test_localize_resume_postprocess_evaluate(setup, capsys):
+    root, ph, model = setup
+    sal = root / "sal"
+    assert main(["localize", str(ph / "images"), "--prompts", str(ph / "prompts.json"),
+                 "--out", str(sal), "--model", model, *FAST]) == 0
+    assert "6 saliency maps written, 0 up to date" in capsys.readouterr().out
+    first = cv2.imread(str(sal / "brain-mri_00000.png"), cv2.IMREAD_UNCHANGED)
+    assert first.shape == (48, 48)
+    # same settings: everything skipped; another beta: everything recomputed
+    assert main(["localize", str(ph / "images"), "--prompts", str(ph / "prompts.json"),
+                 "--out", str(sal), "--model", model, *FAST]) == 0
+    assert "0 saliency maps written, 6 up to date" in capsys.readouterr().out
+    assert main(["localize", str(ph / "images"), "--prompt", "brain tumor", "--beta", "0.5",
+                 "--out", str(sal), "--model", model, *FAST]) == 0
+    assert "6 saliency maps written" in capsys.readouterr().out
+    assert main(["postprocess", str(sal), "--out", str(root / "reg"), "--top-k", "1",
+                 "--quiet"]) == 0
+    assert main(["evaluate", str(root / "reg"), str(ph / "masks"), "--out", str(root / "ev"),
+                 "--quiet"]) == 0
+    summary = json.loads((root / "ev" / "summary.json").read_text())
+    assert summary["n_gt"] == 6 and 0.0 <= summary["metrics"]["dice"]["mean"] <= 1.0
+
+
+def test_missing_prompt_names_the_image(setup, capsys, tmp_path):
+    root, ph, model = setup
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"brain-mri_00000": "tumor"}))
+    assert main(["localize", str(ph / "images"), "--prompts", str(prompts), "--out",
+                 str(tmp_path / "o"), "--model", model, *FAST]) == 2
+    assert "brain-mri_00001.png: no prompt" in capsys.readouterr().err
+
+
+def test_tune_writes_table_and_uses_best(setup, capsys):
+    root, ph, model = setup
+    out = root / "tuned"
+    assert main(["localize", str(ph / "images"), "--prompt", "brain tumor", "--out", str(out),
+                 "--model", model, "--tune", str(ph / "images"), str(ph / "masks"),
+                 "--tune-images", "3", *FAST]) == 0
+    best = json.loads((out / "tune_best.json").read_text())["best"]
+    used = json.loads((out / "m2ib_config.json").read_text())
+    assert {k: used[k] for k in best} == best
+    rows = (out / "tune_table.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 3 * 2 * 3  # beta x layers {0, 1} x noise-scale
+
+
+def test_offline_default_model_is_a_clear_error(setup, capsys):
+    root, ph, _ = setup
+    assert main(["localize", str(ph / "images"), "--prompt", "x", "--out", str(root / "off"),
+                 "--quiet"]) == 2
+    assert "local cache" in capsys.readouterr().err
