@@ -90,6 +90,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_FAILURES if report.failures else EXIT_OK
 
 
+def cmd_clip(args: argparse.Namespace) -> int:
+    from .clip import train_clip
+    from .runlog import RunManifest
+
+    out = _require(args.out, "--out (the model folder)")
+    with RunManifest(out, "clip train", _config_of(args), args.seed) as run:
+        summary = train_clip(args.pairs, out, model=args.model, loss=args.loss, epochs=args.epochs,
+                             batch_size=args.batch_size, lr=args.lr, input_size=args.input_size,
+                             pretrained=args.pretrained, seed=args.seed, device=args.device,
+                             workers=args.workers, amp=args.amp, progress=not args.quiet,
+                             prompt_mix=args.prompt_mix, resume=not args.no_resume,
+                             time_limit=args.time_limit)
+        run.add(final_loss=summary.final_loss, steps=summary.steps, seconds=summary.seconds,
+                images_per_second=summary.images_per_second, parameters=summary.parameters)
+    loss = "n/a" if summary.final_loss is None else f"{summary.final_loss:.4f}"
+    print(f"trained {summary.model} ({summary.parameters / 1e6:.1f} M parameters) on "
+          f"{summary.n_pairs} pairs for {summary.epochs} epochs in {summary.seconds:.0f} s "
+          f"({summary.images_per_second:.1f} images/s), last loss {loss}")
+    print(f"model folder: {out}  (use it with: mwm localize ... --model local-dir:{out})")
+    return EXIT_OK
+
+
 def cmd_localize(args: argparse.Namespace) -> int:
     from .data.layouts import attach_prompts, load_prompts, open_dataset, replace_masks
     from .files import write_json
@@ -306,6 +328,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.3)
     p.add_argument("--top-k", type=int, default=0)
     add_common(p, device=True)
+
+    p = _add(sub, "clip", cmd_clip, "contrastive image-text training (`mwm clip train PAIRS`): "
+             "a small CLIP from scratch or a fine-tuned one, for localization")
+    p.add_argument("action", choices=("train",), help="train")
+    p.add_argument("pairs", help="CSV with image,caption columns, or a phantom folder "
+                   "(its captions.csv, train split)")
+    add_out(p)
+    p.add_argument("--model", default="scratch-tiny", help="scratch-tiny, scratch-small, an "
+                   "open_clip name with --pretrained TAG, hf-hub:ORG/REPO, or a model folder")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag to fine-tune")
+    p.add_argument("--loss", choices=("infonce", "dhn-nce"), default="infonce")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default per model)")
+    p.add_argument("--input-size", type=int, default=None, help="pixels (default per model)")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto")
+    p.add_argument("--prompt-mix", type=float, default=0.0, help="fraction of lesion images "
+                   "whose caption is replaced by the short prompt (phantoms)")
+    p.add_argument("--time-limit", type=float, default=None, help="stop after this many "
+                   "seconds (at an epoch end; a re-run continues)")
+    p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
+    add_common(p, workers=True, device=True)
 
     p = _add(sub, "postprocess", cmd_postprocess, "turn saliency maps into region masks "
              "(threshold / Otsu / k-means or dense CRF, top-k components, holes, boxes)")
