@@ -62,12 +62,24 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
                                     progress=not args.quiet)
         run.add(class_counts=summary.class_counts, split_counts=summary.split_counts,
                 seconds=summary.seconds)
+        _phantom_sheet(Path(out), args.modality)
     rate = summary.n / max(summary.seconds, 1e-9)
     print(f"wrote {summary.n} {summary.modality} phantoms ({summary.size}x{summary.size}) to "
           f"{out} in {summary.seconds:.1f} s ({rate:.0f} images/s)")
     print("classes: " + ", ".join(f"{k} {v}" for k, v in summary.class_counts.items()))
     print("splits:  " + ", ".join(f"{k} {v}" for k, v in summary.split_counts.items()))
     return EXIT_OK
+
+
+def _phantom_sheet(out: Path, modality: str) -> None:
+    from .data.layouts import read_manifest
+    from .demo import read_captions
+    from .files import write_png
+    from .report.contact_sheet import dataset_contact_sheet
+
+    sheet = dataset_contact_sheet(read_manifest(out / "labels.csv"), read_captions(out / "captions.csv"),
+                                  title=f"MWM phantoms: {modality} (red: lesion mask)")
+    write_png(out / "contact_sheet.png", sheet)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -281,8 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "demo", cmd_demo, "run the pipeline on synthetic phantoms, offline")
     add_out(p, default="mwm-demo")
     p.add_argument("--modality", choices=MODALITIES, default="brain-mri")
-    p.add_argument("--n", type=int, default=96, help="number of phantom images (default: 96)")
+    p.add_argument("--n", type=int, default=400, help="number of phantom images (default: 400)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default: 128)")
+    p.add_argument("--clip-seconds", type=float, default=120.0,
+                   help="time budget of the CLIP training (default: 120 s)")
+    p.add_argument("--clip-epochs", type=int, default=14, help="CLIP epochs at most")
     add_common(p, workers=True)
 
     p = _add(sub, "inspect", cmd_inspect, "check a dataset: read every image (and mask and "

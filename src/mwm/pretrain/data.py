@@ -1,0 +1,139 @@
+"""Pretraining data: images with their region masks, jointly augmented.
+
+Each item is ``(image_3ss, region_ss)``: the model input standardized with the
+dataset's mean/std, and the region mask (bool) cropped and flipped **with the same
+random parameters**, so the region stays on the anatomy it marks.
+
+Augmentation randomness comes from a generator seeded by ``(seed, epoch, index)``:
+an item is the same whatever worker loads it and whether the run was resumed, which
+is what makes a resumed run repeat the uninterrupted loss curve.
+
+Normalization statistics are computed once (:func:`dataset_stats`) as the true mean
+and standard deviation over all pixels of up to ``max_images`` images resized to the
+input size (not the mean of per-image standard deviations), then stored in the
+checkpoint and reused downstream.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..data.io import DataError, read_mask, read_slice, to_model_input
+from ..data.layouts import Sample
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Joint augmentation of image and region.
+
+    ``scale``: area fraction range of the random resized crop (1, 1 = no crop);
+    ``ratio``: aspect ratio range of the crop; ``flip``: horizontal flip probability.
+    """
+
+    scale: tuple[float, float] = (0.67, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: float = 0.5
+
+
+NO_AUGMENT = Augment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=0.0)
+
+
+def crop_box(height: int, width: int, aug: Augment, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """A random resized crop ``(top, left, h, w)``; the whole image if no try fits."""
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(*aug.scale)
+        log_ratio = rng.uniform(math.log(aug.ratio[0]), math.log(aug.ratio[1]))
+        aspect = math.exp(log_ratio)
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    return 0, 0, height, width
+
+
+def square_resize(image_hwc: np.ndarray, region_hw: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resize image (area/linear) and region (nearest) to ``size`` x ``size``."""
+    interp = cv2.INTER_AREA if max(image_hwc.shape[:2]) > size else cv2.INTER_LINEAR
+    image = cv2.resize(image_hwc, (size, size), interpolation=interp)
+    if image.ndim == 2:
+        image = image[..., None]
+    region = cv2.resize(region_hw.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+    return image, region.astype(bool)
+
+
+class RegionImageDataset(Dataset):
+    """Samples (with optional region masks) → ``(image_3ss float, region_ss bool)``.
+
+    A sample without a mask gets an empty region (the sampler's documented fallback).
+    """
+
+    def __init__(self, samples: list[Sample], input_size: int, *, augment: Augment = Augment(),
+                 mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.25, 0.25, 0.25),
+                 seed: int = 0):
+        if not samples:
+            raise DataError("no images to pretrain on")
+        self.samples = samples
+        self.input_size = input_size
+        self.augment = augment
+        self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image (H, W, 3) float in [0, 1] and region (H, W) bool, not augmented."""
+        sample = self.samples[index]
+        image = read_slice(sample.image)
+        pixels_chw = to_model_input(image)
+        if sample.mask is not None:
+            region = read_mask(sample.mask, shape=image.shape)
+        else:
+            region = np.zeros(image.shape, dtype=bool)
+        return pixels_chw.transpose(1, 2, 0), region
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image_hwc, region_hw = self.load(index)
+        top, left, h, w = crop_box(*region_hw.shape, self.augment, rng)
+        image_hwc = image_hwc[top:top + h, left:left + w]
+        region_hw = region_hw[top:top + h, left:left + w]
+        if rng.random() < self.augment.flip:
+            image_hwc, region_hw = image_hwc[:, ::-1], region_hw[:, ::-1]
+        image_hwc, region_hw = square_resize(np.ascontiguousarray(image_hwc),
+                                             np.ascontiguousarray(region_hw), self.input_size)
+        image_chw = (image_hwc.transpose(2, 0, 1) - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(image_chw, dtype=np.float32)), \
+            torch.from_numpy(region_hw)
+
+
+def dataset_stats(dataset: RegionImageDataset, max_images: int = 1000,
+                  seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std over all pixels of up to ``max_images`` resized images."""
+    n = len(dataset)
+    order = np.random.default_rng(seed).permutation(n)[:max_images] if n > max_images else range(n)
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    count = 0
+    for index in order:
+        image_hwc, region_hw = dataset.load(int(index))
+        image_hwc, _ = square_resize(image_hwc, region_hw, dataset.input_size)
+        flat = image_hwc.reshape(-1, 3).astype(np.float64)
+        total += flat.sum(0)
+        total_sq += (flat ** 2).sum(0)
+        count += flat.shape[0]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 1e-12))
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)

@@ -1,0 +1,161 @@
+"""Export the pretrained encoder in timm's key space, and load it back.
+
+The file is a ``.safetensors`` state dict of ``timm.create_model(arch, num_classes=0)``
+(no classifier head) with string metadata: ``format`` (``mwm-encoder``), ``arch``,
+``mwm_version``, ``timm_version``, and whatever ``extra_metadata`` carries (the trainer
+writes ``input_size``, ``mean``, ``std``, ``step``, ``masking``; non-string values are
+stored as JSON and decoded by :func:`read_metadata`).
+
+Loading, either way:
+
+* ``mwm.pretrain.export.load_encoder(path, num_classes=K)`` — checks the keys strictly
+  (only the classifier head may be missing) and raises :class:`mwm.data.io.DataError`
+  naming missing / unexpected / mis-shaped keys;
+* plain timm: ``timm.create_model(arch, pretrained=True, num_classes=K,
+  pretrained_cfg_overlay=dict(file=path))``. timm loads strictly unless ``num_classes``
+  differs from the pretrained config's (1000 for ImageNet models), in which case it
+  drops the head and loads non-strictly: pass ``num_classes=0`` or your class count
+  (a 1000-class head would be reported missing and fail the strict load).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..data.io import DataError
+
+__all__ = ["export_encoder", "load_encoder", "read_metadata", "FORMAT"]
+
+FORMAT = "mwm-encoder"
+
+
+def _state_of(model_or_state) -> dict[str, torch.Tensor]:
+    if isinstance(model_or_state, Mapping):
+        return dict(model_or_state)
+    if hasattr(model_or_state, "encoder_state_dict"):
+        return model_or_state.encoder_state_dict()
+    if isinstance(model_or_state, nn.Module):
+        return model_or_state.state_dict()
+    raise TypeError("export_encoder needs a SparKModel, an nn.Module or a state dict, "
+                    f"got {type(model_or_state).__name__}")
+
+
+def export_encoder(model_or_state, path: str | os.PathLike, *, arch: str,
+                   extra_metadata: dict | None = None) -> None:
+    """Write the encoder weights (timm key space) and metadata to a safetensors file.
+
+    ``model_or_state``: a :class:`~mwm.pretrain.spark.SparKModel` (its
+    ``encoder_state_dict()``), a plain timm model, or a state dict. Tensors are saved
+    contiguous, on the CPU, in their own dtype. The file is written atomically.
+    """
+    from safetensors.torch import save_file
+
+    import timm
+
+    from .. import __version__
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in _state_of(model_or_state).items()}
+    metadata = {"format": FORMAT, "arch": str(arch), "mwm_version": __version__,
+                "timm_version": timm.__version__}
+    for key, value in (extra_metadata or {}).items():
+        if value is None:
+            continue
+        metadata[str(key)] = value if isinstance(value, str) else json.dumps(value)
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(state, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of an exported encoder, JSON values decoded."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            raw = handle.metadata() or {}
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise DataError(f"{path}: not a readable safetensors file ({err}).") from err
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("format", "arch", "mwm_version", "timm_version"):
+            out[key] = value
+            continue
+        try:
+            out[key] = json.loads(value)
+        except (TypeError, ValueError):
+            out[key] = value
+    return out
+
+
+def _classifier_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the model's classifier head (allowed to be missing)."""
+    keys: set[str] = set()
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(classifier, nn.Module):
+        ids = {id(p) for p in classifier.state_dict(keep_vars=True).values()}
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if id(tensor) in ids:
+                keys.add(name)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("classifier")
+    if isinstance(names, str):
+        names = (names,)
+    for name in names or ():
+        keys.update({f"{name}.weight", f"{name}.bias"})
+    return keys
+
+
+def _list(keys, limit: int = 12) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_encoder(path: str | os.PathLike, arch: str | None = None, num_classes: int = 0,
+                 **timm_kwargs) -> nn.Module:
+    """A timm model (``pretrained=False``) with the exported weights loaded.
+
+    ``arch`` defaults to the one in the file's metadata. Strict for the backbone: only the
+    classifier head may be missing (it keeps timm's initialization); any other missing,
+    unexpected or mis-shaped key raises :class:`~mwm.data.io.DataError` naming them.
+    """
+    from safetensors.torch import load_file
+
+    import timm
+
+    meta = read_metadata(path)
+    saved_arch = meta.get("arch")
+    arch = arch or saved_arch
+    if not arch:
+        raise DataError(f"{path}: no arch in the file's metadata; pass arch=...")
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **timm_kwargs)
+    except RuntimeError as err:
+        raise DataError(f"{path}: cannot create timm model {arch!r} ({err}).") from err
+    state = load_file(os.fspath(path))
+    own = model.state_dict()
+    head = _classifier_keys(model)
+    missing = [k for k in own if k not in state and k not in head]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {tuple(state[k].shape)}≠{tuple(own[k].shape)}" for k in state
+                  if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_list(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches: {_list(mismatched)}")
+        hint = (f" The file was exported for {saved_arch!r}." if saved_arch and saved_arch != arch
+                else "")
+        raise DataError(f"{path}: the weights do not match timm model {arch!r} — "
+                        + "; ".join(parts) + "." + hint)
+    model.load_state_dict(state, strict=False)
+    return model
