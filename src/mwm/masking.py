@@ -111,15 +111,20 @@ def random_masks(batch: int, grid: tuple[int, int], ratio: float, *,
 
 
 def _rank(scores_bn: torch.Tensor) -> torch.Tensor:
-    """Rank of each score within its row (0 = smallest)."""
-    return scores_bn.argsort(dim=1).argsort(dim=1)
+    """Rank of each score within its row (0 = smallest): one sort, then a scatter."""
+    order_bn = scores_bn.argsort(dim=1)
+    positions = torch.arange(scores_bn.shape[1], device=scores_bn.device).expand_as(order_bn)
+    return torch.empty_like(order_bn).scatter_(1, order_bn, positions)
 
 
 # --------------------------------------------------------------------------- regions
 
 def cell_occupancy(regions_bhw: torch.Tensor, patch: int) -> torch.Tensor:
     """Fraction of each grid cell covered by the region: (B, H, W) → (B, gh, gw) in [0, 1]."""
-    grid_shape(regions_bhw.shape[-2], regions_bhw.shape[-1], patch)
+    gh, gw = grid_shape(regions_bhw.shape[-2], regions_bhw.shape[-1], patch)
+    if regions_bhw.dtype == torch.bool:  # exact integer counts, cheaper than float pooling
+        cells = regions_bhw.reshape(-1, gh, patch, gw, patch).sum((2, 4), dtype=torch.int32)
+        return cells.float() / (patch * patch)
     return F.avg_pool2d(regions_bhw.float().unsqueeze(1), patch).squeeze(1)
 
 
@@ -151,9 +156,17 @@ def region_masks(regions_bhw: torch.Tensor, patch: int, ratio_salient: float,
     """
     for name, value in (("ratio_salient", ratio_salient), ("ratio_background", ratio_background)):
         _check_ratio(name, value)
+    salient_bhw = salient_cells(cell_occupancy(regions_bhw, patch), threshold)
+    return masks_from_salient_cells(salient_bhw, ratio_salient, ratio_background,
+                                    empty_ratio=empty_ratio, generator=generator)
+
+
+def masks_from_salient_cells(salient_bhw: torch.Tensor, ratio_salient: float,
+                             ratio_background: float, *, empty_ratio: float | None = None,
+                             generator: torch.Generator | None = None) -> MaskBatch:
+    """:func:`region_masks` for regions already on the grid (bool (B, gh, gw))."""
     fallback = ratio_background if empty_ratio is None else empty_ratio
     _check_ratio("empty_ratio", fallback)
-    salient_bhw = salient_cells(cell_occupancy(regions_bhw, patch), threshold)
     batch, gh, gw = salient_bhw.shape
     salient_bn = salient_bhw.flatten(1)
     empty_b = ~salient_bn.any(1)
@@ -164,7 +177,7 @@ def region_masks(regions_bhw: torch.Tensor, patch: int, ratio_salient: float,
                                  exact_count(n_cells - n_salient_b, ratio_background))
     # Salient cells sort before background cells (key + 2); ranks inside each group then
     # decide which cells are masked, with one random permutation per group and image.
-    u_bn = torch.rand(batch, n_cells, generator=generator, device=regions_bhw.device)
+    u_bn = torch.rand(batch, n_cells, generator=generator, device=salient_bhw.device)
     rank_bn = _rank(u_bn + 2.0 * (~salient_bn))
     masked_salient = salient_bn & (rank_bn < k_salient_b[:, None])
     masked_background = ~salient_bn & ((rank_bn - n_salient_b[:, None]) < k_background_b[:, None])
