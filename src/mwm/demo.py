@@ -119,7 +119,7 @@ def _contact_sheet(samples: list, data_dir: Path, regions: Path, path: Path, arg
         predicted = regions / f"{sample.name}.png"
         pred = [read_mask(predicted, shape=image.shape)] if predicted.is_file() else []
         tiles.append(Tile(gray, f"[{sample.label}] {captions.get(sample.name, '')}", truth, pred))
-    write_png(path, contact_sheet(tiles, title=f"MWM demo: {args.modality} test images — red: "
+    write_png(path, contact_sheet(tiles, title=f"MWM demo: {args.modality} test images - red: "
                                                "lesion mask, cyan: region localized from the prompt"))
 
 

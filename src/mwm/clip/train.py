@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..localize.hub import ModelUnavailableError
 from ..data.io import DataError
 from ..files import atomic_path, write_csv, write_json
 from .data import CaptionPair, augment_batch, is_finding, load_images, read_pairs
@@ -64,7 +65,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class ModelLoadError(DataError):
+class ModelLoadError(ModelUnavailableError):
     """A model (config or weights) cannot be loaded; the message says how to provide it."""
 
 
