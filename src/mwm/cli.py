@@ -249,6 +249,68 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .downstream.classify import FinetuneConfig, finetune
+    from .runlog import RunManifest
+
+    out = _require(args.out, "--out (the run folder)")
+    cfg = FinetuneConfig(
+        data=args.data, out=out, weights=args.weights, model=args.model, mode=args.mode,
+        input_size=args.input_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        base_lr=args.base_lr, layer_decay=args.layer_decay, warmup_epochs=args.warmup_epochs,
+        optimizer=args.optimizer, wd=args.wd, label_smoothing=args.label_smoothing,
+        mixup=args.mixup, cutmix=args.cutmix, ema=args.ema, amp=args.amp, seed=args.seed,
+        workers=args.workers if args.workers is not None else 2, device=args.device,
+        eval_only=args.eval_only, resume=args.resume, quiet=args.quiet, max_steps=args.max_steps)
+    main_rank = int(os.environ.get("RANK", 0)) == 0
+    manifest = RunManifest(out, "finetune", _config_of(args), args.seed) if main_rank else None
+    with manifest or contextlib.nullcontext():
+        summary = finetune(cfg)
+        if manifest:
+            manifest.add(best=summary.get("best"), last=summary.get("last"),
+                         eval_split=summary.get("eval_split"))
+    if main_rank:
+        result = summary.get("best") or summary.get("last") or summary.get("metrics") or {}
+        metrics = result.get("metrics", result)
+        shown = {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
+                 if isinstance(metrics.get(k), (int, float))}
+        print(f"{cfg.mode} on {summary.get('eval_split', 'val')}: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+        print(f"outputs: {out}")
+    return EXIT_OK
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from .downstream.detect import DetectConfig, detect
+    from .runlog import RunManifest
+
+    out = _require(args.out, "--out (the run folder)")
+    cfg = DetectConfig(data=args.data, out=out, weights=args.weights, model=args.model,
+                       input_size=args.input_size, epochs=args.epochs, batch_size=args.batch_size,
+                       lr=args.lr, base_lr=args.base_lr, stage_lr_decay=args.stage_lr_decay,
+                       multiscale=tuple(args.multiscale) if args.multiscale else None,
+                       norm=args.norm, amp=args.amp, seed=args.seed,
+                       workers=args.workers or 0, device=args.device, resume=args.resume,
+                       max_steps=args.max_steps, quiet=args.quiet,
+                       roi_batch_size=args.roi_batch_size)
+    with RunManifest(out, "detect", _config_of(args), args.seed) as run:
+        summary = detect(cfg)
+        run.add(metrics=summary.get("metrics"), step=summary.get("step"))
+    metrics = summary.get("metrics") or {}
+    print("  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith(("/AP", "/AP50"))))
+    print(f"metrics, predictions and figures: {out}")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .downstream.convert import export_weights
+
+    out = _require(args.out, "--out (the output file)")
+    info = export_weights(args.encoder, out, fmt=args.format, arch=args.model)
+    print(f"wrote {info['tensors']} {info['arch']} tensors in {args.format} key names to {out}")
+    return EXIT_OK
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .localize.evaluate import evaluate_folders
     from .runlog import RunManifest
@@ -445,6 +507,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps "
                    "(resumable)")
     add_common(p, workers=True, device=True)
+
+    p = _add(sub, "finetune", cmd_finetune, "fine-tune or linear-probe a classifier from a "
+             "pretrained encoder (or from scratch) on labelled images")
+    p.add_argument("data", help="class folders (train/val/test/<class>/), CSV manifest with "
+                   "label and split columns, or a phantom folder")
+    add_out(p)
+    p.add_argument("--weights", help="MWM encoder.safetensors, pretrain checkpoint.pt or run "
+                   "folder, a timm checkpoint; none = from scratch")
+    p.add_argument("--model", default=None, help="timm architecture (default: from the weights, "
+                   "else resnet50)")
+    p.add_argument("--mode", choices=("finetune", "linear"), default="finetune")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=None, help="peak lr, used as given "
+                   "(default: base-lr x batch / 256)")
+    p.add_argument("--base-lr", type=float, default=1e-3)
+    p.add_argument("--layer-decay", type=float, default=0.7, help="layer-wise lr decay")
+    p.add_argument("--warmup-epochs", type=float, default=5.0)
+    p.add_argument("--optimizer", choices=("adamw", "lamb"), default="adamw")
+    p.add_argument("--wd", type=float, default=0.05)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--mixup", type=float, default=0.0)
+    p.add_argument("--cutmix", type=float, default=0.0)
+    p.add_argument("--ema", type=float, default=None, help="EMA decay, e.g. 0.999")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto")
+    p.add_argument("--eval-only", action="store_true", help="evaluate a fine-tuned checkpoint")
+    p.add_argument("--resume", metavar="PATH|auto")
+    p.add_argument("--max-steps", type=int, default=None)
+    add_common(p, workers=True, device=True)
+
+    p = _add(sub, "detect", cmd_detect, "fine-tune Mask R-CNN (torchvision, ResNet-FPN) from a "
+             "pretrained encoder; COCO box and mask AP")
+    p.add_argument("data", help="folder with images/ and instances_train.json, "
+                   "instances_val.json (a phantom folder)")
+    add_out(p)
+    p.add_argument("--weights", help="MWM encoder.safetensors, pretrain checkpoint or timm .pth")
+    p.add_argument("--model", default=None, help="ResNet architecture (default: from the weights)")
+    p.add_argument("--input-size", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--lr", type=float, default=None, help="used as given (default: "
+                   "base-lr x batch / 2)")
+    p.add_argument("--base-lr", type=float, default=2.5e-4)
+    p.add_argument("--stage-lr-decay", type=float, default=0.6)
+    p.add_argument("--multiscale", type=int, nargs="+", help="train sizes to pick from")
+    p.add_argument("--norm", choices=("frozen", "bn"), default="frozen")
+    p.add_argument("--amp", choices=("none", "bf16"), default="none")
+    p.add_argument("--roi-batch-size", type=int, default=512, help="RoIs sampled per image")
+    p.add_argument("--resume", metavar="PATH|auto")
+    p.add_argument("--max-steps", type=int, default=None)
+    add_common(p, workers=True, device=True)
+
+    p = _add(sub, "export", cmd_export, "convert a pretrained encoder to timm, torchvision or "
+             "Detectron2 key names")
+    p.add_argument("encoder", help="MWM encoder.safetensors, pretrain checkpoint/run folder, "
+                   "or timm .pth")
+    add_out(p)
+    p.add_argument("--format", choices=("timm", "torchvision", "detectron2"), default="timm")
+    p.add_argument("--model", default=None, help="architecture (default: from the file)")
+    add_common(p, seed=False)
 
     p = _add(sub, "evaluate", cmd_evaluate, "score predicted region masks against ground "
              "truth (DSC, NSD, coverage, recall, box coverage/recall)")
