@@ -360,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-seconds", type=float, default=120.0,
                    help="time budget of the CLIP training (default: 120 s)")
     p.add_argument("--clip-epochs", type=int, default=14, help="CLIP epochs at most")
+    p.add_argument("--pretrain-epochs", type=int, default=10, help="pretraining epochs")
     add_common(p, workers=True)
 
     p = _add(sub, "inspect", cmd_inspect, "check a dataset: read every image (and mask and "
