@@ -533,7 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixup", type=float, default=0.0)
     p.add_argument("--cutmix", type=float, default=0.0)
     p.add_argument("--ema", type=float, default=None, help="EMA decay, e.g. 0.999")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
+                   help="mixed precision (auto = bf16 on a GPU, fp32 on CPU)")
     p.add_argument("--eval-only", action="store_true", help="evaluate a fine-tuned checkpoint")
     p.add_argument("--resume", metavar="PATH|auto")
     p.add_argument("--max-steps", type=int, default=None)
