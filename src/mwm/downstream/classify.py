@@ -84,6 +84,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from ..data.io import DataError, read_slice, to_model_input
+from ..pretrain.export import key_problems
 from ..data.layouts import Sample, open_dataset
 from ..files import atomic_path, write_json, write_text
 from ..progress import progress as progress_bar
@@ -308,12 +309,6 @@ def read_weights(path: str | os.PathLike) -> tuple[dict, dict, str]:
                         "a timm state dict, optionally under 'state_dict'/'model'/'module').") from None
 
 
-def _key_list(keys, limit: int = 12) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def load_weights(model: nn.Module, state: dict, *, source: str = "weights",
                  keep_head: bool = False) -> dict:
     """Load ``state`` into ``model`` strictly on the backbone; return a key report.
@@ -334,13 +329,7 @@ def load_weights(model: nn.Module, state: dict, *, source: str = "weights",
     mismatched = [f"{k} {tuple(state[k].shape)}≠{tuple(own[k].shape)}" for k in state
                   if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_key_list(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_key_list(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches: {_key_list(mismatched)}")
+        parts = key_problems(missing, unexpected, mismatched)
         arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
         raise DataError(f"{source}: the weights do not match the encoder {arch!r} — "
                         + "; ".join(parts) + ". Only the classifier head may differ; pass "

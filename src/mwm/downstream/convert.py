@@ -42,6 +42,7 @@ import torch
 
 from ..data.io import DataError
 from ..files import atomic_path
+from ..pretrain.export import key_problems
 
 __all__ = [
     "FORMATS", "TORCHVISION_ARCHS", "torchvision_arch", "check_plain_resnet", "unwrap_state",
@@ -232,11 +233,6 @@ def detectron2_to_timm(model: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------- loading
 
-def _list(keys, limit: int = 10) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:limit]) + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def load_into_backbone(body: torch.nn.Module, state: Mapping[str, torch.Tensor], *,
                        source: str = "the weights") -> list[str]:
     """Load timm ResNet weights into a torchvision ResNet body, strictly.
@@ -255,13 +251,7 @@ def load_into_backbone(body: torch.nn.Module, state: Mapping[str, torch.Tensor],
     mismatched = [f"{k} {tuple(mapped[k].shape)}≠{tuple(own[k].shape)}" for k in mapped
                   if k in own and tuple(mapped[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_list(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_list(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches: {_list(mismatched)}")
+        parts = key_problems(missing, unexpected, mismatched)
         raise DataError(f"{source} do not fit the detection backbone — " + "; ".join(parts)
                         + ". Check that --model matches the architecture the weights were "
                         "pretrained with.")

@@ -117,6 +117,16 @@ def _list(keys, limit: int = 12) -> str:
     return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def key_problems(missing, unexpected, mismatched) -> list[str]:
+    """Readable parts of a state-dict mismatch message (shared by every strict loader)."""
+    parts = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                        ("shape mismatches", mismatched)):
+        if keys:
+            parts.append(f"{label}: {_list(keys)}")
+    return parts
+
+
 def load_encoder(path: str | os.PathLike, arch: str | None = None, num_classes: int = 0,
                  **timm_kwargs) -> nn.Module:
     """A timm model (``pretrained=False``) with the exported weights loaded.
@@ -146,13 +156,7 @@ def load_encoder(path: str | os.PathLike, arch: str | None = None, num_classes: 
     mismatched = [f"{k} {tuple(state[k].shape)}≠{tuple(own[k].shape)}" for k in state
                   if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_list(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_list(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches: {_list(mismatched)}")
+        parts = key_problems(missing, unexpected, mismatched)
         hint = (f" The file was exported for {saved_arch!r}." if saved_arch and saved_arch != arch
                 else "")
         raise DataError(f"{path}: the weights do not match timm model {arch!r} — "
