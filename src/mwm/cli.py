@@ -33,6 +33,14 @@ def add_out(p: argparse.ArgumentParser, default: str | None = None, positional: 
                        help=f"output folder (default: {default})" if default else "output folder")
 
 
+def add_resume(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", metavar="PATH|auto",
+                   help="continue from a checkpoint (run folder or file; auto = --out's own if "
+                   "any). A missing path is an error")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps (resumable)")
+
+
 def add_common(p: argparse.ArgumentParser, *, seed: bool = True, workers: bool = False,
                device: bool = False) -> None:
     p.add_argument("--config", metavar="FILE.yaml",
@@ -502,11 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-norm-pix-loss", action="store_true", help="unnormalized pixel targets")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
     p.add_argument("--checkpoint-every", type=int, default=200, help="optimizer steps")
-    p.add_argument("--resume", metavar="PATH|auto",
-                   help="continue from a checkpoint (run folder or checkpoint.pt; auto = --out's "
-                   "own checkpoint if any). A missing path is an error")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps "
-                   "(resumable)")
+    add_resume(p)
     add_common(p, workers=True, device=True)
 
     p = _add(sub, "finetune", cmd_finetune, "fine-tune or linear-probe a classifier from a "
@@ -536,8 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
                    help="mixed precision (auto = bf16 on a GPU, fp32 on CPU)")
     p.add_argument("--eval-only", action="store_true", help="evaluate a fine-tuned checkpoint")
-    p.add_argument("--resume", metavar="PATH|auto")
-    p.add_argument("--max-steps", type=int, default=None)
+    add_resume(p)
     add_common(p, workers=True, device=True)
 
     p = _add(sub, "detect", cmd_detect, "fine-tune Mask R-CNN (torchvision, ResNet-FPN) from a "
@@ -558,8 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm", choices=("frozen", "bn"), default="frozen")
     p.add_argument("--amp", choices=("none", "bf16"), default="none")
     p.add_argument("--roi-batch-size", type=int, default=512, help="RoIs sampled per image")
-    p.add_argument("--resume", metavar="PATH|auto")
-    p.add_argument("--max-steps", type=int, default=None)
+    add_resume(p)
     add_common(p, workers=True, device=True)
 
     p = _add(sub, "export", cmd_export, "convert a pretrained encoder to timm, torchvision or "

@@ -86,7 +86,8 @@ from torch import nn
 from ..data.io import DataError, read_slice, to_model_input
 from ..pretrain.export import key_problems
 from ..data.layouts import Sample, open_dataset
-from ..files import atomic_path, write_json, write_text
+from .. import checkpoint
+from ..files import write_json, write_text
 from ..progress import progress as progress_bar
 from .classify_metrics import (classification_metrics, write_confusion_csv,
                                write_confusion_png)
@@ -407,24 +408,9 @@ def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> tuple[torch.optim.
 
 # --------------------------------------------------------------------------- checkpoints
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "numpy": np.random.get_state()[1].tolist()}
-
-
-def save_state(path: Path, payload: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
 def load_state(path: str | Path) -> dict:
-    path = Path(path)
-    if path.is_dir():
-        path = path / LAST
-    if not path.is_file():
-        raise DataError(f"--resume {path}: no checkpoint there. Pass the run folder or its {LAST}; "
-                        "a missing checkpoint never starts a fresh run.")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    path = checkpoint.find(path, LAST)
+    obj = checkpoint.load(path, LAST)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise DataError(f"--resume {path}: not an MWM fine-tune checkpoint.")
     return obj
@@ -610,7 +596,7 @@ class Finetuner:
         self._write_confusion("confusion_last", metrics, f"epoch {self.epoch} ({self.eval_split})")
         if self.best is None or metrics[SELECT] > self.best["metrics"][SELECT]:
             self.best = {"epoch": self.epoch, "step": self.step, "metrics": _brief(metrics)}
-            save_state(self.out / BEST, self._payload(_cpu_state(eval_model)))
+            checkpoint.save(self.out / BEST, self._payload(_cpu_state(eval_model)))
             self._write_confusion("confusion_best", metrics,
                                   f"best: epoch {self.epoch} ({self.eval_split})")
 
@@ -718,12 +704,12 @@ class Finetuner:
 
         def save_last():
             if self.dist.main:
-                save_state(self.out / LAST, self._payload(
+                checkpoint.save(self.out / LAST, self._payload(
                     _cpu_state(ema.module if ema is not None else model),
                     {"model_train": _cpu_state(model), "optimizer": optimizer.state_dict(),
                      "ema": _cpu_state(ema.module) if ema is not None else None,
                      "scaler": scaler.state_dict() if scaler is not None else None,
-                     "rng": _rng_state()}))
+                     "rng": checkpoint.rng_state()}))
 
         model.train()
         while self.epoch < cfg.epochs and self.step < stop:
@@ -855,9 +841,9 @@ class Finetuner:
             metrics = classification_metrics(probs, y_eval.numpy(), self.classes)
             self._record(metrics, loss_value, None, model, time.perf_counter() - epoch_t0)
             if self.dist.main:
-                save_state(self.out / LAST, self._payload(
+                checkpoint.save(self.out / LAST, self._payload(
                     _cpu_state(model), {"probe": probe.state_dict(),
-                                        "optimizer": optimizer.state_dict(), "rng": _rng_state()}))
+                                        "optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state()}))
         with torch.no_grad():
             fold()
         if self.last_metrics is None:

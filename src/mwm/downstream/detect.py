@@ -52,7 +52,8 @@ import numpy as np
 import torch
 
 from ..data.io import DataError, SliceRef, read_slice, to_model_input
-from ..files import atomic_path, write_csv, write_json, write_png
+from .. import checkpoint as checkpoint_io
+from ..files import write_csv, write_json, write_png
 from . import convert
 
 __all__ = ["DetectConfig", "detect", "build_model", "CocoInstances", "evaluate",
@@ -391,13 +392,7 @@ def _resume_path(cfg: DetectConfig) -> Path | None:
     if cfg.resume == "auto":
         candidate = Path(cfg.out) / CHECKPOINT_NAME
         return candidate if candidate.is_file() else None
-    path = Path(cfg.resume)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise DataError(f"--resume {path}: no checkpoint there. Pass the run folder or its "
-                        f"{CHECKPOINT_NAME}; a missing checkpoint never starts a fresh run.")
-    return path
+    return checkpoint_io.find(cfg.resume, CHECKPOINT_NAME)
 
 
 def _batches(n: int, batch: int, seed: int, epoch: int) -> list[list[int]]:
@@ -478,8 +473,7 @@ def detect(cfg: DetectConfig) -> dict[str, Any]:
                    "step": step, "epoch": epoch, "config": cfg.to_dict(), "log": log,
                    "weights_meta": meta, "num_classes": train_set.num_classes,
                    "rng": {"torch": torch.get_rng_state(), "flip": train_set.rng.getstate()}}
-        with atomic_path(out / CHECKPOINT_NAME) as tmp:
-            torch.save(payload, tmp)
+        checkpoint_io.save(out / CHECKPOINT_NAME, payload)
 
     step_times = []
     stopped = False

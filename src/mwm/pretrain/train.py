@@ -23,7 +23,6 @@ import csv
 import dataclasses
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,8 @@ import torch.distributed as torch_dist
 
 from ..data.io import DataError
 from ..data.layouts import open_dataset
-from ..files import atomic_path, write_text
+from .. import checkpoint
+from ..files import write_text
 from ..masking import budget_masks, random_masks, region_masks
 from ..progress import progress as progress_bar
 from .data import Augment, RegionImageDataset, dataset_stats
@@ -171,26 +171,17 @@ def epoch_batches(n_items: int, batch: int, epoch: int, seed: int, dist: Dist,
 # --------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: Path, model, optimizer, scaler, state: dict) -> None:
-    payload = {
+    checkpoint.save(path, {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-                "numpy": np.random.get_state()[1].tolist()},
+        "rng": checkpoint.rng_state(),
         **state,
-    }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    })
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise DataError(f"--resume {path}: no checkpoint there. Pass the run folder or its "
-                        f"{CHECKPOINT_NAME}; a missing checkpoint never starts a fresh run.")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return checkpoint.load(path, CHECKPOINT_NAME)
 
 
 def resume_path(cfg: PretrainConfig) -> Path | None:
