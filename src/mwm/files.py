@@ -54,6 +54,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+def read_json_or_none(path: str | os.PathLike) -> Any:
+    """The JSON in ``path``, or None when the file is missing or unreadable (a stamp check)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
               fieldnames: Sequence[str]) -> None:
     buf = io.StringIO()

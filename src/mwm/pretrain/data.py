@@ -59,24 +59,42 @@ def crop_box(height: int, width: int, aug: Augment, rng: np.random.Generator) ->
 
 
 def square_resize(image_hwc: np.ndarray, region_hw: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resize image (area/linear) and region (nearest) to ``size`` x ``size``."""
+    """Resize image (area/linear) and region to ``size`` x ``size``.
+
+    A bool region is resized with nearest neighbour (it stays binary); a float saliency
+    map with the image's interpolation (it stays continuous).
+    """
     interp = cv2.INTER_AREA if max(image_hwc.shape[:2]) > size else cv2.INTER_LINEAR
     image = cv2.resize(image_hwc, (size, size), interpolation=interp)
     if image.ndim == 2:
         image = image[..., None]
+    if region_hw.dtype != bool:
+        return image, cv2.resize(region_hw.astype(np.float32), (size, size), interpolation=interp)
     region = cv2.resize(region_hw.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
     return image, region.astype(bool)
+
+
+def read_saliency(ref, shape: tuple[int, int]) -> np.ndarray:
+    """A saliency map as float32 in [0, 1] (the value range of its file type)."""
+    saliency = to_model_input(read_slice(ref))[0]
+    if saliency.shape != tuple(shape):
+        raise DataError(f"{ref.path}: saliency map is {saliency.shape[1]}x{saliency.shape[0]} but "
+                        f"its image is {shape[1]}x{shape[0]}; maps must match their image's size "
+                        "(`mwm localize` writes them so).")
+    return saliency.astype(np.float32)
 
 
 class RegionImageDataset(Dataset):
     """Samples (with optional region masks) → ``(image_3ss float, region_ss bool)``.
 
     A sample without a mask gets an empty region (the sampler's documented fallback).
+    With ``continuous=True`` the "mask" files are saliency maps read as float32 in [0, 1]
+    (8-bit PNG / 255) instead of being binarized: ``--masking soft`` samples from them.
     """
 
     def __init__(self, samples: list[Sample], input_size: int, *, augment: Augment = Augment(),
                  mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.25, 0.25, 0.25),
-                 seed: int = 0):
+                 seed: int = 0, continuous: bool = False):
         if not samples:
             raise DataError("no images to pretrain on")
         self.samples = samples
@@ -85,6 +103,7 @@ class RegionImageDataset(Dataset):
         self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
         self.seed = seed
+        self.continuous = continuous
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -94,14 +113,16 @@ class RegionImageDataset(Dataset):
         return len(self.samples)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Image (H, W, 3) float in [0, 1] and region (H, W) bool, not augmented."""
+        """Image (H, W, 3) float in [0, 1] and region (H, W) bool (float if continuous)."""
         sample = self.samples[index]
         image = read_slice(sample.image)
         pixels_chw = to_model_input(image)
-        if sample.mask is not None:
-            region = read_mask(sample.mask, shape=image.shape)
+        if sample.mask is None:
+            region = np.zeros(image.shape, dtype=np.float32 if self.continuous else bool)
+        elif self.continuous:
+            region = read_saliency(sample.mask, image.shape)
         else:
-            region = np.zeros(image.shape, dtype=bool)
+            region = read_mask(sample.mask, shape=image.shape)
         return pixels_chw.transpose(1, 2, 0), region
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ def epoch_grid(images_b3hw, regions_bhw, masks, output, mean, std, patch: int) -
     inputs = _to_uint8(images_b3hw[:n], mean, std)
     recon = _to_uint8(output.reconstruction_b3hw[:n], mean, std)
     masked_pixels = upsample_cells(masks.masked_bhw[:n].cpu(), patch).numpy()
-    regions = regions_bhw[:n].cpu().numpy().astype(bool)
+    regions = (regions_bhw[:n].float() >= 0.5).cpu().numpy()  # soft maps: their upper half
     rows = []
     for i in range(n):
         overlay = inputs[i].astype(np.float32)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import textwrap
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -103,6 +105,30 @@ def dataset_contact_sheet(samples: list, captions: dict[str, str] | None = None,
             text = f"[{sample.label}] {text}"
         tiles.append(Tile(gray, text, outlines))
     return contact_sheet(tiles, columns=columns, tile_size=tile_size, title=title)
+
+
+def write_phantom_sheet(folder: str | Path, modality: str) -> Path:
+    """``folder/contact_sheet.png`` for a phantom folder (images, lesion outlines, captions)."""
+    from ..data.layouts import read_manifest
+    from ..files import write_png
+
+    folder = Path(folder)
+    sheet = dataset_contact_sheet(read_manifest(folder / "labels.csv"),
+                                  read_captions(folder / "captions.csv"),
+                                  title=f"MWM phantoms: {modality} (red: lesion mask)")
+    write_png(folder / "contact_sheet.png", sheet)
+    return folder / "contact_sheet.png"
+
+
+def read_captions(path: str | Path) -> dict[str, str]:
+    """``captions.csv`` (image,caption) → {image stem: caption}; {} when there is none."""
+    from ..data.io import stem_of
+
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    with path.open(newline="", encoding="utf-8") as handle:
+        return {stem_of(row["image"]): row["caption"] for row in csv.DictReader(handle)}
 
 
 def _round_robin_by_label(samples: list, limit: int) -> list:

@@ -1,0 +1,199 @@
+"""The experiment file: which data, how regions are made, and the grid of masking strategies.
+
+A YAML file with these sections (``configs/phantom-brain-mri.yaml`` is a complete example;
+``docs/experiment.md`` documents every key)::
+
+    name: phantom-brain-mri
+    data: {phantoms: {modality: brain-mri, n: 600, size: 128, seed: 0}}   # or {images: DIR}
+    localize: {prompt: brain tumor, clip: {seconds: 240}, m2ib: {layer: 1},
+               postprocess: {method: otsu, top_k: 1}}                      # or model: NAME
+    pretrain: {model: resnet18, input_size: 128, epochs: 6, batch_size: 32}
+    evaluate: [{name: linear, mode: linear, epochs: 30}]
+    seeds: [0, 1, 2]
+    reference: random-60
+    strategies:
+      - {name: scratch, masking: none}
+      - {name: random-60, masking: random, ratio: 0.6}
+      - {name: region-80-40, masking: region, ratio_salient: 0.8, ratio_background: 0.4}
+      - {name: region-80-40-gt, masking: region, ratio_salient: 0.8, ratio_background: 0.4,
+         regions: ground_truth}
+
+Every key is checked when the file is read: a typo is an error naming the file, the
+section and the keys that section accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import load_yaml
+from ..data.io import DataError
+
+MASKINGS = ("none", "random", "region", "budget", "soft")
+REGION_MASKINGS = ("region", "budget", "soft")  # the maskings that read regions
+# Where a strategy's regions come from: the prompt's localized masks, the dataset's own
+# masks (an upper bound on what localization can give), or the continuous saliency maps.
+REGION_SOURCES = ("localized", "ground_truth", "saliency")
+STRATEGY_KEYS = {"name", "masking", "ratio", "ratio_salient", "ratio_background", "emphasis",
+                 "occupancy", "regions"}
+# Pretraining / evaluation keys a strategy or cell sets itself, so the file may not.
+CELL_OWNED = {"images", "regions", "out", "masking", "ratio", "ratio_salient", "ratio_background",
+              "emphasis", "occupancy", "seed", "resume", "quiet", "data", "weights", "device"}
+
+
+@dataclass
+class Strategy:
+    name: str
+    masking: str
+    regions: str = "localized"
+    params: dict = field(default_factory=dict)  # ratio, ratio_salient, ... as PretrainConfig takes
+
+    @property
+    def pretrains(self) -> bool:
+        return self.masking != "none"
+
+
+@dataclass
+class ExperimentConfig:
+    name: str
+    data: dict
+    localize: dict
+    pretrain: dict
+    evaluate: list[dict]
+    seeds: list[int]
+    strategies: list[Strategy]
+    reference: str | None = None
+    source: str = "<code>"
+
+    def needs_localization(self) -> bool:
+        return any(s.masking in REGION_MASKINGS and s.regions != "ground_truth"
+                   for s in self.strategies)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, *parts: Any) -> str:
+        """A short hash of settings, so results made with other settings are never reused."""
+        text = json.dumps(parts, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    return parse_experiment(load_yaml(path), source=str(path))
+
+
+def parse_experiment(raw: dict, source: str = "<code>") -> ExperimentConfig:
+    _check_keys(raw, {"name", "data", "localize", "pretrain", "evaluate", "seeds", "strategies",
+                      "reference"}, source, "top level")
+    for key in ("data", "pretrain", "evaluate", "strategies"):
+        if key not in raw:
+            raise DataError(f"{source}: the experiment needs a '{key}' section.")
+    if not isinstance(raw["strategies"], list) or not raw["strategies"]:
+        raise DataError(f"{source}: strategies must be a non-empty list.")
+    strategies = [_strategy(item, source) for item in raw["strategies"]]
+    names = [s.name for s in strategies]
+    if len(set(names)) != len(names):
+        raise DataError(f"{source}: strategy names must be unique, got {names}.")
+    evaluate = raw["evaluate"] if isinstance(raw["evaluate"], list) else [raw["evaluate"]]
+    config = ExperimentConfig(
+        name=str(raw.get("name", Path(source).stem)), data=_data(raw["data"], source),
+        localize=dict(raw.get("localize") or {}), pretrain=_owned_free(raw["pretrain"], source, "pretrain"),
+        evaluate=[_evaluation(item, source) for item in evaluate],
+        seeds=[int(s) for s in raw.get("seeds", [0])], strategies=strategies,
+        reference=raw.get("reference"), source=source)
+    _check_sections(config)
+    return config
+
+
+def _check_keys(section: Any, allowed: set, source: str, where: str) -> None:
+    if not isinstance(section, dict):
+        raise DataError(f"{source}: '{where}' must be a mapping, got {type(section).__name__}.")
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise DataError(f"{source}: unknown key(s) {unknown} in {where}; accepted: {sorted(allowed)}.")
+
+
+def _owned_free(section: dict, source: str, where: str) -> dict:
+    if not isinstance(section, dict):
+        raise DataError(f"{source}: '{where}' must be a mapping, got {type(section).__name__}.")
+    clash = sorted(set(section) & CELL_OWNED)
+    if clash:
+        raise DataError(f"{source}: {where} may not set {clash}: each cell sets them "
+                        "(masking settings belong to 'strategies', seeds to 'seeds').")
+    return dict(section)
+
+
+def _strategy(item: dict, source: str) -> Strategy:
+    _check_keys(item, STRATEGY_KEYS, source, f"strategy {item.get('name', '?') if isinstance(item, dict) else item}")
+    if "name" not in item or "masking" not in item:
+        raise DataError(f"{source}: every strategy needs a name and a masking ({MASKINGS}).")
+    if item["masking"] not in MASKINGS:
+        raise DataError(f"{source}: strategy {item['name']}: masking must be one of {MASKINGS}.")
+    regions = item.get("regions", "saliency" if item["masking"] == "soft" else "localized")
+    if regions not in REGION_SOURCES:
+        raise DataError(f"{source}: strategy {item['name']}: regions must be one of {REGION_SOURCES}.")
+    name = str(item["name"])
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise DataError(f"{source}: strategy name {name!r}: use letters, digits, '-', '_' or '.' "
+                        "(it names a folder).")
+    params = {k: v for k, v in item.items() if k not in ("name", "masking", "regions")}
+    return Strategy(name, item["masking"], regions, params)
+
+
+def _evaluation(item: dict, source: str) -> dict:
+    item = _owned_free(item, source, "evaluate")
+    if "name" not in item:
+        raise DataError(f"{source}: every evaluation needs a name (it names the column).")
+    return item
+
+
+def _data(section: dict, source: str) -> dict:
+    _check_keys(section, {"phantoms", "images"}, source, "data")
+    if ("phantoms" in section) == ("images" in section):
+        raise DataError(f"{source}: data needs exactly one of 'phantoms' (generated) or "
+                        "'images' (a folder or manifest with labels and splits).")
+    if "phantoms" in section:
+        _check_keys(section["phantoms"], {"modality", "n", "size", "seed"}, source, "data.phantoms")
+    return dict(section)
+
+
+def _check_sections(config: ExperimentConfig) -> None:
+    source = config.source
+    _check_keys(config.localize, {"prompt", "model", "clip", "m2ib", "postprocess", "batch_size"},
+                source, "localize")
+    if config.needs_localization():
+        if "prompt" not in config.localize:
+            raise DataError(f"{source}: localize.prompt is needed (the text that decides where "
+                            "the masks go).")
+        if ("clip" in config.localize) == ("model" in config.localize):
+            raise DataError(f"{source}: localize needs exactly one of 'model' (a vision-language "
+                            "model) or 'clip' (train a small CLIP on the data's captions).")
+    _check_fields(config, source)
+    names = {s.name for s in config.strategies}
+    if config.reference is not None and config.reference not in names:
+        raise DataError(f"{source}: reference {config.reference!r} is not a strategy ({sorted(names)}).")
+    if not config.seeds:
+        raise DataError(f"{source}: seeds must list at least one seed.")
+
+
+def _check_fields(config: ExperimentConfig, source: str) -> None:
+    """Section keys must be fields of the settings object they configure."""
+    from ..downstream.classify import FinetuneConfig
+    from ..localize.m2ib import M2IBConfig
+    from ..localize.postprocess import PostprocessConfig
+    from ..pretrain.train import PretrainConfig
+
+    def fields(cls) -> set:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    _check_keys(config.pretrain, fields(PretrainConfig) - CELL_OWNED, source, "pretrain")
+    for item in config.evaluate:
+        _check_keys(item, (fields(FinetuneConfig) - CELL_OWNED) | {"name"}, source, "evaluate")
+    _check_keys(config.localize.get("m2ib") or {}, fields(M2IBConfig), source, "localize.m2ib")
+    _check_keys(config.localize.get("postprocess") or {}, fields(PostprocessConfig), source,
+                "localize.postprocess")

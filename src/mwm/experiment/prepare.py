@@ -1,0 +1,151 @@
+"""Stages shared by every cell of an experiment: the data and the text-guided regions.
+
+Each stage writes its own folder under the run directory and is reused when it is
+already complete with the same settings (phantoms via a stamp, the CLIP via its own
+resume, saliency maps via their fingerprints); postprocessing and scoring are cheap
+and always rerun, so they never go stale.
+
+Layout::
+
+    RUN/data/          the dataset (phantoms as ``mwm phantoms`` writes them)
+    RUN/clip/          the small CLIP trained on the data's captions (when localize.clip)
+    RUN/saliency/      one M2IB map per image (8-bit PNG)
+    RUN/regions/       binary region masks (postprocessed maps)
+    RUN/localization/  DSC / NSD of the regions against the masks on the test split
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..data.io import DataError
+from ..files import read_json_or_none, write_json
+from .config import ExperimentConfig
+
+# The small ViT that trained best within minutes (benchmarks/bench_localization.py).
+PHANTOM_CLIP = dict(model="scratch-tiny", input_size=96, lr=2e-3, batch_size=32, prompt_mix=0.2,
+                    arch={"width": 128, "layers": 3, "head_width": 32, "text_width": 128,
+                          "text_layers": 2, "text_heads": 2, "embed_dim": 128})
+PHANTOM_M2IB = dict(layer=1)
+
+
+@dataclass
+class Prepared:
+    data: Path                      # dataset root (labels.csv manifest)
+    masks: Path | None              # the dataset's own region masks (ground truth)
+    saliency: Path | None
+    regions: Path | None
+    localization: dict | None       # evaluate_folders summary, None without ground truth
+
+    def regions_for(self, source: str) -> Path:
+        path = {"localized": self.regions, "ground_truth": self.masks,
+                "saliency": self.saliency}[source]
+        if path is None:
+            raise DataError(f"regions '{source}' are not available for this dataset "
+                            "(no masks, or no localization configured).")
+        return path
+
+
+def prepare(config: ExperimentConfig, run: Path, *, workers: int | None = None, quiet: bool = False,
+            log=print) -> Prepared:
+    data = _dataset(config, run / "data", workers, quiet, log)
+    masks = data / "masks" if (data / "masks").is_dir() else None
+    if not config.needs_localization():
+        return Prepared(data, masks, None, None, None)
+    saliency = _saliency(config, data, run, quiet, log)
+    regions = run / "regions"
+    _postprocess(config, saliency, regions, quiet)
+    scores = _score(data, regions, run / "localization", quiet) if masks else None
+    if scores:
+        log(f"regions: {regions} (mean DSC {scores['metrics']['dice']['mean']:.3f} on "
+            f"{scores['n_gt']} test images)")
+    return Prepared(data, masks, saliency, regions, scores)
+
+
+def _dataset(config: ExperimentConfig, out: Path, workers: int | None, quiet: bool, log) -> Path:
+    if "images" in config.data:
+        root = Path(config.data["images"])
+        if not root.exists():
+            raise DataError(f"{config.source}: data.images {root} does not exist.")
+        return root
+    from ..data.phantoms import generate_phantoms
+    from ..report.contact_sheet import write_phantom_sheet
+
+    params = {"modality": "brain-mri", "n": 400, "size": 128, "seed": 0, **config.data["phantoms"]}
+    stamp = out / "phantoms_done.json"
+    if read_json_or_none(stamp) == params:
+        log(f"phantoms: {out} (up to date)")
+        return out
+    if out.exists():
+        shutil.rmtree(out)  # other settings: regenerate rather than mix two datasets
+    summary = generate_phantoms(out, **params, workers=workers, progress=not quiet)
+    write_phantom_sheet(out, params["modality"])
+    write_json(stamp, params)
+    log(f"phantoms: {out} ({summary.n} images; "
+        + ", ".join(f"{k} {v}" for k, v in summary.class_counts.items()) + ")")
+    return out
+
+
+def _vlm_name(config: ExperimentConfig, data: Path, run: Path, quiet: bool, log) -> str:
+    clip = config.localize.get("clip")
+    if clip is None:
+        return str(config.localize["model"])
+    from ..clip import train_clip
+
+    clip = dict(clip)
+    seconds = clip.pop("seconds", None)
+    settings = {**PHANTOM_CLIP, **clip}
+    summary = train_clip(data, run / "clip", time_limit=seconds, progress=not quiet, **settings)
+    log(f"CLIP: {run / 'clip'} ({summary.epochs} epochs, last loss "
+        f"{summary.final_loss if summary.final_loss is None else round(summary.final_loss, 3)})")
+    return f"local-dir:{run / 'clip'}"
+
+
+def _saliency(config: ExperimentConfig, data: Path, run: Path, quiet: bool, log) -> Path:
+    from ..data.layouts import open_dataset
+    from ..localize.m2ib import M2IBConfig, saliency_maps
+    from ..localize.run import localize_samples, model_identity
+    from ..localize.vlm import load_vlm
+
+    name = _vlm_name(config, data, run, quiet, log)
+    adapter = load_vlm(name)
+    defaults = PHANTOM_M2IB if "clip" in config.localize else {}
+    m2ib = M2IBConfig(**{**defaults, **(config.localize.get("m2ib") or {})})
+    prompt = str(config.localize["prompt"])
+    samples = [replace(s, prompt=s.prompt or prompt) for s in open_dataset(data).samples]
+    out = run / "saliency"
+    summary = localize_samples(
+        samples, out, lambda im, pr, names: saliency_maps(adapter, im, pr, m2ib, keys=names),
+        model_id=model_identity(name), params=m2ib.to_dict(), progress=not quiet,
+        shard_items=False, batch_size=int(config.localize.get("batch_size", 8)))
+    log(f"saliency: {out} ({summary.n_written} new, {summary.n_skipped} up to date)")
+    return out
+
+
+def _postprocess(config: ExperimentConfig, saliency: Path, out: Path, quiet: bool) -> None:
+    from ..localize.postprocess import PostprocessConfig, postprocess_folder
+
+    settings = {"method": "otsu", "top_k": 1, **(config.localize.get("postprocess") or {})}
+    if out.exists():
+        shutil.rmtree(out)  # cheap to redo; never keep masks made with other settings
+    postprocess_folder(saliency, out, PostprocessConfig(**settings), progress=not quiet)
+
+
+def _score(data: Path, regions: Path, out: Path, quiet: bool) -> dict | None:
+    """Score the regions of the test split (or every image when there is no split)."""
+    from ..data.layouts import open_dataset
+    from ..localize.evaluate import evaluate_folders
+
+    samples = [s for s in open_dataset(data).samples if s.mask is not None]
+    test = [s for s in samples if s.split == "test"] or samples
+    if not test:
+        return None
+    gt = out / "gt"
+    if gt.exists():
+        shutil.rmtree(gt)
+    gt.mkdir(parents=True)
+    for sample in test:
+        shutil.copyfile(sample.mask.path, gt / sample.mask.path.name)
+    return evaluate_folders(regions, gt, out, progress=not quiet)

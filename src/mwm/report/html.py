@@ -1,0 +1,222 @@
+"""``mwm report RUN_DIR``: one self-contained HTML file for a demo or experiment folder.
+
+Every figure is embedded as a base64 PNG ``data:`` URI and the page has no external
+reference (no scripts, fonts or styles from the network), so it opens offline and can be
+mailed as one file. Sections appear when their files exist in the run folder:
+
+1. results: the strategy table (``results.json``) and accuracy against mask ratio;
+2. data: the dataset contact sheet (``data/contact_sheet.png``);
+3. localization: per-image saliency and region overlays with their DSC
+   (``saliency/``, ``regions/``, ``localization/per_image.csv``);
+4. pretraining: the last masked-cell / reconstruction grid of each strategy and the
+   training curves (``cells/*/seed*/pretrain/``);
+5. the run manifest (``run_manifest.json``).
+
+A small inline script records, when the page has loaded, how many images decoded
+(``data-images-loaded`` / ``data-images-total`` on ``<body>``); the browser test reads it.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..files import read_json_or_none, write_text
+from .plots import training_curves_png
+
+MAX_LOCALIZATION_TILES = 12
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;
+max-width:1200px;color:#222;padding:0 16px}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:2em}
+table{border-collapse:collapse;font-size:.9em;margin:8px 0}
+td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left}
+figure{display:inline-block;margin:6px;vertical-align:top;text-align:center}
+figure img{max-width:100%;image-rendering:pixelated}
+figcaption{font-size:.8em;color:#444;max-width:320px}
+.wide img{max-width:100%}pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:.8em}
+.note{color:#555;font-size:.9em}
+"""
+LOAD_CHECK = """
+window.addEventListener('load', function () {
+  var images = Array.prototype.slice.call(document.images);
+  var ok = images.filter(function (im) { return im.complete && im.naturalWidth > 0; });
+  document.body.setAttribute('data-images-total', images.length);
+  document.body.setAttribute('data-images-loaded', ok.length);
+});
+"""
+
+
+def png_data_uri(image: np.ndarray | bytes) -> str:
+    """An RGB/gray uint8 array (or PNG bytes) as a ``data:image/png;base64,`` URI."""
+    if not isinstance(image, (bytes, bytearray)):
+        import cv2
+
+        bgr = image[..., ::-1] if image.ndim == 3 else image
+        ok, encoded = cv2.imencode(".png", np.ascontiguousarray(bgr))
+        if not ok:
+            raise ValueError("could not encode a report figure as PNG")
+        image = encoded.tobytes()
+    return "data:image/png;base64," + base64.b64encode(image).decode("ascii")
+
+
+def figure(image: np.ndarray | bytes | Path, caption: str = "", wide: bool = False) -> str:
+    data = image.read_bytes() if isinstance(image, Path) else image
+    cls = ' class="wide"' if wide else ""
+    return (f'<figure{cls}><img src="{png_data_uri(data)}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def write_report(run_dir: str | Path, path: str | Path | None = None) -> Path:
+    run_dir = Path(run_dir)
+    path = Path(path) if path else run_dir / "report.html"
+    write_text(path, render_report(run_dir))
+    return path
+
+
+def render_report(run_dir: Path) -> str:
+    manifest = read_json_or_none(run_dir / "run_manifest.json") or {}
+    results = read_json_or_none(run_dir / "results.json")
+    title = f"MWM report: {(results or {}).get('name') or run_dir.name}"
+    sections = [_results_section(run_dir, results), _data_section(run_dir),
+                _localization_section(run_dir), _pretraining_section(run_dir),
+                _manifest_section(manifest)]
+    body = "\n".join(s for s in sections if s)
+    meta = (f"{html.escape(str(manifest.get('command', '?')))} · status "
+            f"{html.escape(str(manifest.get('status', '?')))} · started "
+            f"{html.escape(str(manifest.get('start_time', '?')))} · mwm "
+            f"{html.escape(str(manifest.get('mwm_version', '?')))} · commit "
+            f"{html.escape(str(manifest.get('git_commit')))}")
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{STYLE}</style>"
+            f"<script>{LOAD_CHECK}</script></head>\n<body><h1>{html.escape(title)}</h1>"
+            f"<p class=\"note\">{meta}</p>\n{body}\n</body></html>\n")
+
+
+# --------------------------------------------------------------------------- sections
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else html.escape(str(value))
+
+
+def _results_section(run_dir: Path, results: dict | None) -> str:
+    if not results:
+        return ""
+    evals, reference = results["evaluations"], results.get("reference")
+    head = ["strategy", "masking", "regions", "settings", "seeds", "realized mask ratio", "pretrain s"]
+    for e in evals:
+        head += [f"{e} accuracy"] + ([f"Δ vs {reference}"] if reference else [])
+    rows = []
+    for row in results["strategies"]:
+        cells = [_fmt(row["strategy"]), _fmt(row["masking"]), _fmt(row["regions"]),
+                 _fmt(row["settings"]), _fmt(row["n_seeds"]), _fmt(row["ratio_overall"]),
+                 _fmt(row["pretrain_seconds"], 0)]
+        for e in evals:
+            cells.append(f"{_fmt(row[f'{e}_mean'])} ± {_fmt(row[f'{e}_std'])}")
+            if reference:
+                cells.append(f"{_fmt(row[f'{e}_delta'])} ± {_fmt(row[f'{e}_delta_std'])}")
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    table = ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+             + "".join(rows) + "</table>")
+    notes = [f"Accuracy: mean ± std over seeds {results['seeds']}, last epoch on the evaluation "
+             "split. Δ: mean ± std of per-seed differences to the reference."]
+    if results.get("missing"):
+        notes.append("Missing cells: " + ", ".join(results["missing"]))
+    plot = run_dir / "accuracy_vs_ratio.png"
+    parts = ["<h2>Results</h2>", table] + [f'<p class="note">{html.escape(n)}</p>' for n in notes]
+    if plot.is_file():
+        parts.append(figure(plot, "downstream accuracy against the realized overall mask ratio", wide=True))
+    return "\n".join(parts)
+
+
+def _data_section(run_dir: Path) -> str:
+    sheet = run_dir / "data" / "contact_sheet.png"
+    if not sheet.is_file():
+        return ""
+    return "<h2>Data</h2>" + figure(sheet, "the dataset: images with their lesion masks (red)", wide=True)
+
+
+def _localization_section(run_dir: Path) -> str:
+    per_image = run_dir / "localization" / "per_image.csv"
+    if not per_image.is_file():
+        return ""
+    with per_image.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    summary = read_json_or_none(run_dir / "localization" / "summary.json") or {}
+    metrics = summary.get("metrics", {})
+    line = ", ".join(f"{k} {v['mean']:.3f}" for k, v in metrics.items()
+                     if isinstance(v, dict) and isinstance(v.get("mean"), float))
+    lesion_rows = [r for r in rows if int(r.get("gt_pixels") or 0) > 0][:MAX_LOCALIZATION_TILES]
+    figures = [_localization_figure(run_dir, r) for r in lesion_rows]
+    return ("<h2>Localization</h2>"
+            f'<p class="note">Test images scored: {summary.get("n_gt", len(rows))}; means: '
+            f"{html.escape(line)}. Each figure: the image with the lesion mask (red) and the "
+            "region from the prompt (cyan), then the saliency map.</p>"
+            + "".join(f for f in figures if f))
+
+
+def _localization_figure(run_dir: Path, row: dict) -> str:
+    import cv2
+
+    from ..data.io import read_mask
+    from .contact_sheet import Tile, render_tile
+
+    name = row["name"]
+    image_path = _find_image(run_dir / "data", name)
+    saliency_path = run_dir / "saliency" / f"{name}.png"
+    if image_path is None or not saliency_path.is_file():
+        return ""
+    gray = cv2.imread(str(image_path), cv2.IMREAD_GRAYSCALE)
+    truth = read_mask(run_dir / "localization" / "gt" / f"{name}.png", shape=gray.shape)
+    region_path = run_dir / "regions" / f"{name}.png"
+    region = [read_mask(region_path, shape=gray.shape)] if region_path.is_file() else []
+    size = max(128, gray.shape[0])
+    overlay = render_tile(Tile(gray, "", [truth], region), size)
+    heat = cv2.applyColorMap(cv2.imread(str(saliency_path), cv2.IMREAD_GRAYSCALE), cv2.COLORMAP_INFERNO)
+    heat = cv2.resize(heat, (size, size), interpolation=cv2.INTER_NEAREST)[..., ::-1]
+    return figure(np.concatenate([overlay, heat], axis=1), f"{name}: DSC {float(row['dice']):.2f}")
+
+
+def _find_image(data_dir: Path, name: str) -> Path | None:
+    for candidate in (data_dir / "images" / f"{name}.png", data_dir / f"{name}.png"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _pretraining_section(run_dir: Path) -> str:
+    runs = sorted(p for p in (run_dir / "cells").glob("*/seed*/pretrain") if p.is_dir())
+    if not runs:
+        return ""
+    first_seed = {}
+    for pre in runs:
+        first_seed.setdefault(pre.parent.parent.name, pre)
+    grids = []
+    for strategy, pre in first_seed.items():
+        epochs = sorted((pre / "figures").glob("epoch_*.png"))
+        if epochs:
+            grids.append(figure(epochs[-1], f"{strategy} ({pre.parent.name}, {epochs[-1].stem}): "
+                                            "input | region | masked cells | reconstruction"))
+    curves = training_curves_png({s: p / "train_log.csv" for s, p in first_seed.items()})
+    parts = ["<h2>Pretraining</h2>",
+             '<p class="note">Last epoch of each strategy (first seed). Masked cells are '
+             "darkened; the reconstruction is the decoder's output.</p>", *grids]
+    if curves is not None:
+        parts.append(figure(curves, "training loss and realized overall mask ratio per step", wide=True))
+    return "\n".join(parts)
+
+
+def _manifest_section(manifest: dict) -> str:
+    if not manifest:
+        return ""
+    text = json.dumps(manifest, indent=2, default=str)
+    return f"<h2>Run manifest</h2><pre>{html.escape(text)}</pre>"

@@ -1,0 +1,81 @@
+"""Plots for reports and results (matplotlib, headless): returned as PNG bytes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display here or on clusters
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def accuracy_vs_ratio_png(results: dict) -> bytes:
+    """Accuracy (mean ± std over seeds) against the realized overall mask ratio.
+
+    One point per strategy: circles random masking, squares localized regions,
+    triangles other region sources (ground truth, saliency); a dashed line for strategies
+    without pretraining.
+    """
+    plt = _pyplot()
+    evals = results["evaluations"]
+    fig, axes = plt.subplots(1, len(evals), figsize=(5.5 * len(evals), 4.2), squeeze=False)
+    for ax, e in zip(axes[0], evals):
+        for row in results["strategies"]:
+            mean, std = row[f"{e}_mean"], row[f"{e}_std"]
+            if math.isnan(mean):
+                continue
+            if row["masking"] == "none":
+                ax.axhline(mean, color="gray", linestyle="--", label=f"{row['strategy']} (no pretraining)")
+                continue
+            marker = "o" if row["masking"] == "random" else ("s" if row["regions"] == "localized" else "^")
+            ax.errorbar(row["ratio_overall"], mean, yerr=std, fmt=marker, capsize=3,
+                        label=row["strategy"])
+        ax.set_xlabel("realized overall mask ratio")
+        ax.set_ylabel(f"{e} accuracy")
+        ax.set_title(f"{results['name']}: {e}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def training_curves_png(logs: dict[str, Path]) -> bytes | None:
+    """PNG bytes of loss and realized mask ratio against step, one line per run."""
+    plt = _pyplot()
+    series = {}
+    for name, path in logs.items():
+        if path.is_file():
+            with path.open(newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            if rows:
+                series[name] = rows
+    if not series:
+        return None
+    fig, (ax_loss, ax_ratio) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name, rows in series.items():
+        steps = [int(r["step"]) for r in rows]
+        ax_loss.plot(steps, [float(r["loss"]) for r in rows], label=name)
+        ax_ratio.plot(steps, [float(r["ratio_overall"]) for r in rows], label=name)
+    for ax, label in ((ax_loss, "loss (normalized-pixel MSE on masked cells)"),
+                      (ax_ratio, "realized overall mask ratio")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
