@@ -266,3 +266,67 @@ def test_lamb_optimizer_runs(tmp_path, phantoms):
     summary = finetune(_cfg(phantoms, tmp_path / "l", model=ARCH, optimizer="lamb", epochs=1,
                             cutmix=1.0, label_smoothing=0.0))
     assert summary["epochs_done"] == 1 and math.isfinite(summary["final_train_loss"])
+
+
+# --------------------------------------------------------------------------- precision
+
+def test_resolve_amp_one_rule(monkeypatch):
+    """``auto`` = bf16 exactly where the device has native bf16; explicit choices as given."""
+    from mwm.utils import resolve_amp
+
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, expected in ((True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                       (False, False, None)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_amp("auto", cpu) is expected
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_amp("auto", torch.device("cuda")) is None  # never fp16 unasked
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_amp("auto", torch.device("cuda")) is torch.bfloat16
+    assert resolve_amp("auto", torch.device("meta")) is None
+    assert resolve_amp("bf16", cpu) is torch.bfloat16 and resolve_amp("none", cpu) is None
+    assert resolve_amp("fp16", torch.device("cuda")) is torch.float16
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        resolve_amp("fp16", cpu)
+    with pytest.raises(ValueError, match="amp must be one of"):
+        resolve_amp("half", cpu)
+
+
+def test_finetune_and_pretrain_use_the_resolver(tmp_path, phantoms, monkeypatch):
+    from mwm.downstream.classify import Finetuner
+    from mwm.pretrain.train import PretrainConfig, Trainer
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    tuner = Finetuner(_cfg(phantoms, tmp_path / "f", model=ARCH, amp="auto"))
+    trainer = Trainer(PretrainConfig(images=str(phantoms), out=str(tmp_path / "p"), model=ARCH,
+                                     input_size=64, masking="random", amp="auto", device="cpu",
+                                     batch_size=4, workers=0, stat_images=4, quiet=True))
+    assert tuner.amp_dtype is None and trainer.amp_dtype is None  # a CPU without bf16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert tuner.amp_dtype is torch.bfloat16 and trainer.amp_dtype is torch.bfloat16
+
+
+# --------------------------------------------------------------------------- torchrun
+
+def test_torchrun_two_processes_agree_and_only_rank0_writes(tmp_path, phantoms, export):
+    from dist_helpers import torchrun_mwm
+
+    out = tmp_path / "ddp"
+    result = torchrun_mwm("finetune", phantoms, "--out", out, "--weights", export,
+                          "--input-size", "64", "--epochs", "2", "--batch-size", "4",
+                          "--warmup-epochs", "1", "--ema", "0.9", "--workers", "0",
+                          "--amp", "none", "--device", "cpu", "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["batch_size"] == 4
+    assert summary["steps_per_epoch"] == summary["n_train"] // 8  # each rank takes 4 per step
+    # weights (BN statistics included) and eval metrics are identical on both ranks
+    assert summary["ranks_agree"] is True
+    # one writer: rank 1 appending would double the rows; only rank 0 prints the result
+    assert [int(r["epoch"]) for r in _rows(out / "metrics.csv")] == [1, 2]
+    assert result.stdout.count("finetune on val") == 1
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["best.pt", "last.pt", "metrics.csv", "summary.json", "run_manifest.json",
+         "confusion_best.csv", "confusion_best.png", "confusion_last.csv", "confusion_last.png"])

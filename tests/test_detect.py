@@ -1,4 +1,5 @@
-"""Mask R-CNN fine-tuning on phantom COCO data: one train step, evaluation, resume, errors."""
+"""Mask R-CNN fine-tuning on phantom COCO data: train steps (fp32 and bf16), periodic
+evaluation with best/last checkpoints, resume, errors."""
 
 import json
 
@@ -12,7 +13,7 @@ pytest.importorskip("pycocotools")
 from mwm.data.io import DataError  # noqa: E402
 from mwm.data.phantoms import generate_phantoms  # noqa: E402
 from mwm.downstream.detect import (DetectConfig, METRIC_NAMES, STAGE_LR_EXPONENTS,  # noqa: E402
-                                   build_model, detect, param_groups)
+                                   CocoInstances, build_model, detect, param_groups, train_step)
 from mwm.pretrain.export import export_encoder  # noqa: E402
 
 SIZE = 64
@@ -58,13 +59,78 @@ def test_train_step_and_eval(phantoms, encoder, tmp_path):
     assert all(isinstance(r["segmentation"]["counts"], str) for r in results)
     assert summary["figures"] and all((out / "figures").glob("*.png"))
     assert (out / "checkpoint.pt").is_file() and (out / "log.csv").is_file()
+    assert (out / "best.pt").is_file()  # the end-of-run evaluation is the first: best so far
     config = json.loads((out / "config.json").read_text())
     assert config["weights_meta"]["mean"] == [0.2] * 3
 
-    # resume continues from the checkpoint
+    # resume continues from the checkpoint; every evaluation is a metrics.csv row
     again = detect(_cfg(phantoms, out, weights=str(encoder), max_steps=2, resume="auto", figures=0))
     assert again["step"] == 2
     assert len((out / "log.csv").read_text().strip().splitlines()) == 3
+    assert [r["step"] for r in _rows(out / "metrics.csv")] == ["1", "2"]
+
+
+def _rows(path):
+    import csv
+
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_periodic_evaluation_keeps_best_and_last(phantoms, tmp_path):
+    out = tmp_path / "every"
+    summary = detect(_cfg(phantoms, out, model="resnet18", epochs=2, eval_every=1, figures=0))
+    per_epoch = summary["step"] // 2
+    rows = _rows(out / "metrics.csv")
+    assert [(int(r["epoch"]), int(r["step"])) for r in rows] == [(1, per_epoch), (2, 2 * per_epoch)]
+    assert summary["evaluations"] == 2  # the end of epoch 2 is not evaluated twice
+    scores = [float(r["segm/AP"]) for r in rows]
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["step"] == int(rows[scores.index(max(scores))]["step"])  # ties: the earlier
+    assert summary["best"]["step"] == best["step"]
+    last = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert last["step"] == 2 * per_epoch and len(last["evals"]) == 2
+    model = build_model("resnet18", summary["num_classes"], input_size=SIZE)
+    model.load_state_dict(best["model"])  # best.pt holds a loadable Mask R-CNN
+    if best["step"] != last["step"]:
+        assert not torch.equal(best["model"]["roi_heads.box_predictor.cls_score.weight"],
+                               last["model"]["roi_heads.box_predictor.cls_score.weight"])
+    # resuming the finished run evaluates it again but replaces that step's row
+    again = detect(_cfg(phantoms, out, model="resnet18", epochs=2, resume="auto", figures=0))
+    assert again["step"] == 2 * per_epoch and again["evaluations"] == 2
+    assert len(_rows(out / "metrics.csv")) == 2
+
+
+def test_bf16_autocast_train_step(phantoms):
+    """One Mask R-CNN step under CPU bf16 autocast: the backbone runs in bf16, the losses
+    are finite and differ from fp32's, the weights stay fp32 and change."""
+    data = CocoInstances(phantoms, "train")
+    images, targets = zip(*(data[i] for i in range(2)))
+    seen = []
+    losses = {}
+    for dtype in (torch.bfloat16, None):
+        torch.manual_seed(0)
+        model = build_model("resnet18", data.num_classes, input_size=SIZE, rpn_batch_size=32,
+                            roi_batch_size=32).train()
+        hook = model.backbone.body.layer1[0].conv1.register_forward_hook(
+            lambda m, i, o: seen.append(o.dtype))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        before = model.backbone.fpn.layer_blocks[0][0].weight.detach().clone()
+        torch.manual_seed(1)
+        losses[dtype] = train_step(model, optimizer, list(images), list(targets), amp_dtype=dtype)
+        hook.remove()
+        after = model.backbone.fpn.layer_blocks[0][0].weight
+        assert after.dtype == torch.float32 and not torch.equal(before, after)
+    assert seen == [torch.bfloat16, torch.float32]
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses[torch.bfloat16].values())
+    assert losses[torch.bfloat16]["loss"] != losses[None]["loss"]
+
+
+def test_amp_choices_are_checked(phantoms, tmp_path):
+    with pytest.raises(ValueError, match="amp must be one of auto, bf16, fp16, none"):
+        _cfg(phantoms, tmp_path, amp="fp8")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        detect(_cfg(phantoms, tmp_path, amp="fp16", device="cpu", max_steps=1))
 
 
 def test_pretrained_weights_and_mean_reach_the_model(encoder):

@@ -14,6 +14,8 @@ import torch
 from mwm.data.io import DataError
 from mwm.pretrain.train import PretrainConfig, Trainer, load_checkpoint, pretrain
 
+from dist_helpers import torchrun_mwm
+
 TINY = dict(model="resnet10t", input_size=64, decoder_width=32, batch_size=4, epochs=2, workers=0, amp="none",
             channels_last=False, checkpoint_every=1, log_every=1, quiet=True, device="cpu",
             warmup_epochs=0.5, stat_images=8)
@@ -114,13 +116,10 @@ def test_killed_run_resumes_with_the_same_curve(phantoms, tmp_path):
 
 
 def test_ddp_two_cpu_processes_agree(phantoms, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29533", "-m", "mwm", "pretrain", str(phantoms), "--out", str(tmp_path),
-           "--masking", "random", "--model", "resnet10t", "--input-size", "64", "--batch-size", "2",
-           "--epochs", "1", "--workers", "0", "--amp", "none", "--no-channels-last", "--quiet",
-           "--device", "cpu", "--sync-bn", "--decoder-width", "32"]
-    result = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-                            capture_output=True, text=True, timeout=300)
+    result = torchrun_mwm("pretrain", phantoms, "--out", tmp_path, "--masking", "random",
+                          "--model", "resnet10t", "--input-size", "64", "--batch-size", "2",
+                          "--epochs", "1", "--workers", "0", "--amp", "none", "--no-channels-last",
+                          "--quiet", "--device", "cpu", "--sync-bn", "--decoder-width", "32")
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((tmp_path / "run_manifest.json").read_text())
     assert manifest["results"]["ranks_agree"] is True

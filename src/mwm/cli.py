@@ -276,7 +276,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         summary = finetune(cfg)
         if manifest:
             manifest.add(best=summary.get("best"), last=summary.get("last"),
-                         eval_split=summary.get("eval_split"))
+                         eval_split=summary.get("eval_split"), ranks_agree=summary.get("ranks_agree"))
     if main_rank:
         result = summary.get("best") or summary.get("last") or summary.get("metrics") or {}
         metrics = result.get("metrics", result)
@@ -285,6 +285,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(f"{cfg.mode} on {summary.get('eval_split', 'val')}: "
               + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
         print(f"outputs: {out}")
+    if summary.get("ranks_agree") is False:
+        print("error: distributed ranks ended with different weights or metrics", file=sys.stderr)
+        return EXIT_FAILURES
     return EXIT_OK
 
 
@@ -300,10 +303,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
                        norm=args.norm, amp=args.amp, seed=args.seed,
                        workers=args.workers or 0, device=args.device, resume=args.resume,
                        max_steps=args.max_steps, quiet=args.quiet,
-                       roi_batch_size=args.roi_batch_size)
+                       roi_batch_size=args.roi_batch_size, eval_every=args.eval_every)
     with RunManifest(out, "detect", _config_of(args), args.seed) as run:
         summary = detect(cfg)
-        run.add(metrics=summary.get("metrics"), step=summary.get("step"))
+        run.add(metrics=summary.get("metrics"), step=summary.get("step"), best=summary.get("best"))
     metrics = summary.get("metrics") or {}
     print("  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith(("/AP", "/AP50"))))
     print(f"metrics, predictions and figures: {out}")
@@ -505,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wd-end", type=float, default=0.2, help="weight decay at the end (cosine)")
     p.add_argument("--clip", type=float, default=5.0, help="gradient norm clip (0 = off)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
-                   help="mixed precision (auto = bf16; fp16 with a grad scaler needs a GPU)")
+                   help="mixed precision (auto = bf16 where the device has native bf16, else "
+                   "fp32; fp16 with a grad scaler needs a GPU)")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--no-norm-pix-loss", action="store_true", help="unnormalized pixel targets")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
@@ -538,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cutmix", type=float, default=0.0)
     p.add_argument("--ema", type=float, default=None, help="EMA decay, e.g. 0.999")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
-                   help="mixed precision (auto = bf16 on a GPU, fp32 on CPU)")
+                   help="mixed precision (auto = bf16 where the device has native bf16, else "
+                   "fp32; fp16 with a grad scaler needs a GPU)")
     p.add_argument("--eval-only", action="store_true", help="evaluate a fine-tuned checkpoint")
     add_resume(p)
     add_common(p, workers=True, device=True)
@@ -559,8 +564,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage-lr-decay", type=float, default=0.6)
     p.add_argument("--multiscale", type=int, nargs="+", help="train sizes to pick from")
     p.add_argument("--norm", choices=("frozen", "bn"), default="frozen")
-    p.add_argument("--amp", choices=("none", "bf16"), default="none")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="none",
+                   help="mixed precision of training (auto = bf16 where the device has native "
+                   "bf16, else fp32; fp16 needs a GPU); evaluation always runs in fp32")
     p.add_argument("--roi-batch-size", type=int, default=512, help="RoIs sampled per image")
+    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs and keep "
+                   "best.pt by segm AP (0: only at the end)")
     add_resume(p)
     add_common(p, workers=True, device=True)
 

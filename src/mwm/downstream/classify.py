@@ -36,7 +36,8 @@ classes, whose head is kept. Files are read with ``weights_only=True`` or safete
   biases). Loss: cross-entropy with ``label_smoothing``, or soft-target cross-entropy
   under mixup/cutmix (``timm.data.Mixup``). ``ema``: an exponential moving average of
   the weights (``timm.utils.ModelEmaV3``) which is then what is evaluated and saved as
-  best. AMP: ``auto`` = bf16 on a CUDA GPU, none on the CPU.
+  best. AMP: :func:`mwm.utils.resolve_amp` (``auto`` = bf16 where the device has native
+  bf16, else fp32).
 * ``linear`` — the encoder is frozen (eval mode, BN statistics untouched); pooled
   features of the train and eval images (no augmentation) are computed once, kept in
   memory, and standardized with the train features' mean/std. A logistic regression
@@ -62,9 +63,11 @@ function of ``(seed, epoch)``, augmentation of ``(seed, epoch, index)``, mixup a
 dropout of ``(seed, step)``, so a resumed run repeats an uninterrupted one.
 
 **Distributed**: under ``torchrun`` every process takes its share of each global batch
-(DistributedDataParallel; gloo on CPU, NCCL on GPU); evaluation runs on every process
-over the whole eval split and only rank 0 writes. Linear probing runs identically on
-every rank. (Implemented, not covered by the test-suite.)
+(DistributedDataParallel; gloo on CPU, NCCL on GPU). BatchNorm running statistics are
+averaged over the ranks before every evaluation and at the end, so every process
+evaluates the same model over the whole eval split; only rank 0 writes. At the end the
+ranks compare weights, buffers and metrics (``summary["ranks_agree"]``). Linear probing
+runs identically on every rank. Tested with 2 CPU processes.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ from ..data.layouts import Sample, open_dataset
 from .. import checkpoint
 from ..files import write_json, write_text
 from ..progress import progress as progress_bar
+from ..utils import AMP_CHOICES, resolve_amp
 from .classify_metrics import (classification_metrics, write_confusion_csv,
                                write_confusion_png)
 
@@ -138,8 +142,8 @@ class FinetuneConfig:
             raise ValueError(f"mode must be 'finetune' or 'linear', got {self.mode!r}")
         if self.optimizer not in ("adamw", "lamb"):
             raise ValueError(f"optimizer must be 'adamw' or 'lamb', got {self.optimizer!r}")
-        if self.amp not in ("auto", "bf16", "fp16", "none"):
-            raise ValueError(f"amp must be auto, bf16, fp16 or none, got {self.amp!r}")
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise ValueError(f"ema must be a decay in (0, 1), got {self.ema}")
         if not 0.0 < self.layer_decay <= 1.0:
@@ -519,14 +523,7 @@ class Finetuner:
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
-        amp = self.cfg.amp
-        if amp == "auto":
-            amp = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
-        if amp == "none":
-            return None
-        if amp == "fp16" and self.device.type != "cuda":
-            raise ValueError("--amp fp16 needs a CUDA GPU; use bf16 or none on CPU.")
-        return torch.bfloat16 if amp == "bf16" else torch.float16
+        return resolve_amp(self.cfg.amp, self.device)
 
     def _autocast(self):
         dtype = self.amp_dtype
@@ -624,6 +621,34 @@ class Finetuner:
         if self.dist.main:
             write_json(self.out / "summary.json", summary)
         return summary
+
+    def _sync_bn_stats(self, model: nn.Module, ema=None) -> None:
+        """Average BatchNorm running statistics over the ranks (no-op in one process).
+
+        DDP keeps parameters equal but each rank's BN running mean/var follow its own
+        batches; without this, ranks would evaluate (and rank 0 save) different models.
+        """
+        if self.dist.world == 1:
+            return
+        from timm.utils import distribute_bn
+
+        for module in (model, ema.module if ema is not None else None):
+            if module is not None:
+                distribute_bn(module, self.dist.world, reduce=True)
+
+    def _ranks_agree(self, model: nn.Module) -> bool | None:
+        """Under torchrun: do all ranks hold the same weights and buffers and report the
+        same last metrics? ``None`` in a single process."""
+        if self.dist.world == 1:
+            return None
+        metrics = self.last_metrics or {}
+        sums = [float(v.double().sum()) for v in model.state_dict().values()]
+        scores = [float(metrics.get(k) or 0.0) for k in ("accuracy", "balanced_accuracy",
+                                                         "macro_f1", "auroc")]
+        local = torch.tensor(sums + scores, dtype=torch.float64, device=self.device)
+        gathered = [torch.zeros_like(local) for _ in range(self.dist.world)]
+        torch_dist.all_gather(gathered, local)
+        return all(torch.equal(g, gathered[0]) for g in gathered)
 
     # ---- eval only
 
@@ -755,16 +780,20 @@ class Finetuner:
             loss_value = float(np.mean(losses)) if losses else None
             if self.step % steps_per_epoch == 0 and self.step // steps_per_epoch > self.epoch:
                 self.epoch += 1
+                self._sync_bn_stats(model, ema)
                 eval_model = ema.module if ema is not None else model
                 metrics = self.evaluate(eval_model)
                 self._record(metrics, loss_value, lr, eval_model, time.perf_counter() - epoch_t0)
                 save_last()
+        self._sync_bn_stats(model, ema)
         save_last()
         if self.last_metrics is None or self.step % steps_per_epoch:
             self.last_metrics = self.evaluate(ema.module if ema is not None else model)
         return self._summary({"steps_per_epoch": steps_per_epoch, "batch_size": batch,
                               "peak_lr": peak, "layer_groups": self.grouping,
-                              "final_train_loss": loss_value})
+                              "final_train_loss": loss_value,
+                              "ranks_agree": self._ranks_agree(ema.module if ema is not None
+                                                               else model)})
 
     # ---- linear probing
 
@@ -850,7 +879,8 @@ class Finetuner:
             self.last_metrics = self.evaluate(model)
         return self._summary({"feature_dim": int(x_train.shape[1]),
                               "feature_seconds": feature_seconds,
-                              "final_train_loss": loss_value, "solver": "lbfgs"})
+                              "final_train_loss": loss_value, "solver": "lbfgs",
+                              "ranks_agree": self._ranks_agree(model)})
 
 
 def _cpu_state(model: nn.Module) -> dict:

@@ -29,12 +29,18 @@ The reference fine-tunes Mask R-CNN R-50-FPN in Detectron2; MWM uses torchvision
 * **Data**: a COCO folder as written by :func:`mwm.data.phantoms.generate_phantoms`
   (``images/`` + ``instances_{train,val}.json``); categories become labels 1..K
   (``num_classes = K + 1``); images without annotations are kept as negatives.
-* **Outputs** in ``out``: ``checkpoint.pt`` (full state, atomic, every epoch; resume with
-  ``resume="auto"`` or a path — a missing path is a :class:`DataError`), ``log.csv``,
-  ``metrics.json`` (pycocotools ``COCOeval`` bbox + segm: AP, AP50, AP75, APs, APm, APl;
-  -1 where a size range has no ground truth), ``predictions.json`` (COCO results, masks
-  as RLE), ``figures/<stem>.png`` overlays (ground truth green, predictions red), and
-  ``config.json``.
+* **Precision**: ``amp`` follows :func:`mwm.utils.resolve_amp` (default ``none``) for the
+  training forward; evaluation always runs in fp32 (bf16 would round box coordinates).
+* **Evaluation** every ``eval_every`` epochs and at the end of the run; ``best.pt`` keeps
+  the model of the best evaluation by ``select`` (default ``segm/AP``; ties keep the
+  earlier).
+* **Outputs** in ``out``: ``checkpoint.pt`` (the last full state, atomic, every epoch;
+  resume with ``resume="auto"`` or a path — a missing path is a :class:`DataError`),
+  ``best.pt``, ``log.csv`` (per step), ``metrics.csv`` (per evaluation), ``metrics.json``
+  (latest evaluation, pycocotools ``COCOeval`` bbox + segm: AP, AP50, AP75, APs, APm,
+  APl; -1 where a size range has no ground truth; and ``best``), ``predictions.json``
+  (COCO results of the final model, masks as RLE), ``figures/<stem>.png`` overlays
+  (ground truth green, predictions red), and ``config.json``.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import io
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -54,12 +60,15 @@ import torch
 from ..data.io import DataError, SliceRef, read_slice, to_model_input
 from .. import checkpoint as checkpoint_io
 from ..files import write_csv, write_json, write_png
+from ..utils import AMP_CHOICES
 from . import convert
 
 __all__ = ["DetectConfig", "detect", "build_model", "CocoInstances", "evaluate",
-           "param_groups", "STAGE_LR_EXPONENTS", "METRIC_NAMES", "CHECKPOINT_NAME"]
+           "param_groups", "train_step", "STAGE_LR_EXPONENTS", "METRIC_NAMES",
+           "CHECKPOINT_NAME", "BEST_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"
 STAGE_LR_EXPONENTS = {"conv1": 6, "bn1": 6, "layer1": 4, "layer2": 3, "layer3": 2, "layer4": 1}
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -85,7 +94,7 @@ class DetectConfig:
     warmup_factor: float = 0.01
     multiscale: tuple[int, ...] | None = None
     norm: str = "frozen"              # "frozen" (FrozenBatchNorm2d) or "bn" (BatchNorm2d)
-    amp: str = "none"                 # "none" or "bf16" (autocast; experimental)
+    amp: str = "none"                 # auto | bf16 | fp16 | none (mwm.utils.resolve_amp), training only
     seed: int = 0
     workers: int = 0
     device: str = "auto"
@@ -100,6 +109,17 @@ class DetectConfig:
     mask_thresh: float = 0.5
     figures: int = 4
     hflip: bool = True
+    eval_every: int = 1               # evaluate every N epochs (0: only at the end)
+    select: str = "segm/AP"           # metric that picks best.pt
+
+    def __post_init__(self) -> None:
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0 = only at the end), got {self.eval_every}")
+        names = [f"{kind}/{m}" for kind in ("bbox", "segm") for m in METRIC_NAMES]
+        if self.select not in names:
+            raise ValueError(f"select must be one of {', '.join(names)}, got {self.select!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -281,9 +301,10 @@ def _empty_stats() -> dict[str, float]:
 
 
 @torch.no_grad()
-def predict(model, dataset: CocoInstances, device, *, mask_thresh: float = 0.5,
-            amp: str = "none") -> tuple[list[dict], dict[int, dict]]:
-    """COCO results (bbox xywh + RLE masks) for every image of ``dataset``."""
+def predict(model, dataset: CocoInstances, device, *,
+            mask_thresh: float = 0.5) -> tuple[list[dict], dict[int, dict]]:
+    """COCO results (bbox xywh + RLE masks) for every image of ``dataset``, in fp32: under
+    bf16 box coordinates would be rounded to 1 px at 128–256 px, 4 px at 512–1024 px."""
     from pycocotools import mask as mask_utils
 
     model.eval()
@@ -291,8 +312,7 @@ def predict(model, dataset: CocoInstances, device, *, mask_thresh: float = 0.5,
     raw: dict[int, dict] = {}
     for index in range(len(dataset)):
         pixels, target = dataset.load(index)
-        with _autocast(device, amp):
-            out = model([torch.from_numpy(pixels).to(device)])[0]
+        out = model([torch.from_numpy(pixels).to(device)])[0]
         boxes = out["boxes"].float().cpu().numpy()
         scores = out["scores"].float().cpu().numpy()
         labels = out["labels"].cpu().numpy()
@@ -375,15 +395,19 @@ def write_figures(out_dir: Path, dataset: CocoInstances, raw: dict[int, dict], n
 
 # --------------------------------------------------------------------------- training
 
-@contextlib.contextmanager
-def _autocast(device, amp: str):
-    if amp == "none":
-        yield
-    elif amp == "bf16":
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
-            yield
-    else:
-        raise ValueError(f"amp must be 'none' or 'bf16', got {amp!r}")
+@dataclass
+class RunState:
+    """What ``checkpoint.pt`` carries besides weights: where the run is and what it measured."""
+
+    step: int = 0
+    epoch: int = 0
+    log: list = field(default_factory=list)     # one row per training step (log.csv)
+    evals: list = field(default_factory=list)   # one row per evaluation (metrics.csv)
+    best: dict | None = None                    # {"step", "epoch", "metrics"} of best.pt
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return str(dtype).replace("torch.", "") if dtype is not None else "float32"
 
 
 def _resume_path(cfg: DetectConfig) -> Path | None:
@@ -393,6 +417,24 @@ def _resume_path(cfg: DetectConfig) -> Path | None:
         candidate = Path(cfg.out) / CHECKPOINT_NAME
         return candidate if candidate.is_file() else None
     return checkpoint_io.find(cfg.resume, CHECKPOINT_NAME)
+
+
+def _load_resume(cfg: DetectConfig) -> dict | None:
+    """The checkpoint to continue from (``None`` for a fresh run); refuses changed settings."""
+    resume = _resume_path(cfg)
+    if resume is None:
+        return None
+    checkpoint = torch.load(resume, map_location="cpu", weights_only=True)
+    saved = checkpoint["config"]
+    for key in ("input_size", "batch_size", "norm"):
+        if saved.get(key) != getattr(cfg, key):
+            raise DataError(f"--resume: the checkpoint was made with {key}={saved.get(key)!r}, "
+                            f"not {getattr(cfg, key)!r}.")
+    if cfg.model and saved.get("model") and cfg.model != saved["model"]:
+        raise DataError(f"--resume: the checkpoint is a {saved['model']!r} model, "
+                        f"not --model {cfg.model!r}.")
+    cfg.model = saved.get("model")
+    return checkpoint
 
 
 def _batches(n: int, batch: int, seed: int, epoch: int) -> list[list[int]]:
@@ -408,122 +450,171 @@ def _to_device(images, targets, device):
     return images, targets
 
 
-def detect(cfg: DetectConfig) -> dict[str, Any]:
-    """Fine-tune (or resume) Mask R-CNN and evaluate it; returns a summary dict."""
-    from ..utils import resolve_device, seed_everything
-
-    t_start = time.perf_counter()
-    torch.set_flush_denormal(True)
-    out = Path(cfg.out)
-    resume = _resume_path(cfg)
-    checkpoint = torch.load(resume, map_location="cpu", weights_only=True) if resume else None
-    if checkpoint is not None:
-        saved = checkpoint["config"]
-        for key in ("input_size", "batch_size", "norm"):
-            if saved.get(key) != getattr(cfg, key):
-                raise DataError(f"--resume: the checkpoint was made with {key}={saved.get(key)!r}, "
-                                f"not {getattr(cfg, key)!r}.")
-        if cfg.model and saved.get("model") and cfg.model != saved["model"]:
-            raise DataError(f"--resume: the checkpoint is a {saved['model']!r} model, "
-                            f"not --model {cfg.model!r}.")
-        cfg.model = saved.get("model")
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-
+def _datasets(cfg: DetectConfig) -> tuple[CocoInstances, CocoInstances]:
     train_set = CocoInstances(cfg.data, cfg.train_split, hflip=cfg.hflip, seed=cfg.seed)
     eval_set = CocoInstances(cfg.data, cfg.eval_split)
     if eval_set.cat_ids != train_set.cat_ids:
         raise DataError(f"{eval_set.ann_file}: categories differ from {train_set.ann_file}.")
+    return train_set, eval_set
 
+
+def _model_for(cfg: DetectConfig, num_classes: int, checkpoint: dict | None):
+    """``(model, arch, weights metadata)``: pretrained weights for a fresh run, else random
+    init (the checkpoint's weights are loaded by the caller)."""
     weights, meta = None, {}
     if checkpoint is None and cfg.weights:
         weights, meta = convert.load_timm_state(cfg.weights)
     elif checkpoint is not None:
         meta = checkpoint.get("weights_meta", {})
     arch = cfg.model or meta.get("arch") or "resnet50"
-    if cfg.model and meta.get("arch") and convert.torchvision_arch(meta["arch"]) != convert.torchvision_arch(cfg.model):
+    if (cfg.model and meta.get("arch")
+            and convert.torchvision_arch(meta["arch"]) != convert.torchvision_arch(cfg.model)):
         raise DataError(f"{cfg.weights}: the weights were pretrained as {meta['arch']!r}, "
                         f"not --model {cfg.model!r}.")
     cfg.model = arch
-    mean = meta.get("mean") or IMAGENET_MEAN
-    std = meta.get("std") or IMAGENET_STD
-    model = build_model(arch, train_set.num_classes, input_size=cfg.input_size,
-                        multiscale=cfg.multiscale, norm=cfg.norm, mean=mean, std=std,
-                        rpn_batch_size=cfg.rpn_batch_size, roi_batch_size=cfg.roi_batch_size,
-                        score_thresh=cfg.score_thresh, weights=weights,
-                        source=str(cfg.weights)).to(device)
+    model = build_model(arch, num_classes, input_size=cfg.input_size, multiscale=cfg.multiscale,
+                        norm=cfg.norm, mean=meta.get("mean") or IMAGENET_MEAN,
+                        std=meta.get("std") or IMAGENET_STD, rpn_batch_size=cfg.rpn_batch_size,
+                        roi_batch_size=cfg.roi_batch_size, score_thresh=cfg.score_thresh,
+                        weights=weights, source=str(cfg.weights))
+    return model, arch, meta
 
+
+def train_step(model, optimizer, images, targets, *, amp_dtype: torch.dtype | None = None,
+               scaler=None, step: int = 0) -> dict[str, float]:
+    """One optimizer step of Mask R-CNN; the forward under autocast when ``amp_dtype`` is
+    set (``scaler``: a ``GradScaler`` for fp16). Returns the losses as floats."""
+    device = images[0].device
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None):
+        losses = model(images, targets)
+    loss = sum(losses.values())
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"step {step}: loss is {loss.item()} "
+                                 f"({ {k: v.item() for k, v in losses.items()} }); "
+                                 "lower --lr or use --amp none. The last checkpoint is intact.")
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
+
+
+def _evaluate_and_record(model, eval_set: CocoInstances, device, cfg: DetectConfig, out: Path,
+                         run: RunState, best_payload) -> tuple[list[dict], dict[int, dict]]:
+    """Evaluate (in fp32), add a ``metrics.csv`` row, rewrite ``metrics.json`` and save
+    ``best.pt`` when ``cfg.select`` improved (ties keep the earlier). Returns the predictions."""
+    results, raw = predict(model, eval_set, device, mask_thresh=cfg.mask_thresh)
+    metrics = evaluate(eval_set.coco, results, verbose=not cfg.quiet)
+    run.evals = [e for e in run.evals if e["step"] != run.step]
+    run.evals.append({"step": run.step, "epoch": run.epoch, **metrics})
+    write_csv(out / "metrics.csv", run.evals, ["step", "epoch", *metrics])
+    if run.best is None or metrics[cfg.select] > run.best["metrics"][cfg.select]:
+        run.best = {"step": run.step, "epoch": run.epoch, "metrics": metrics}
+        checkpoint_io.save(out / BEST_NAME, best_payload())
+    write_json(out / "metrics.json", {"split": cfg.eval_split, "step": run.step,
+                                      "epoch": run.epoch, "images": len(eval_set),
+                                      "metrics": metrics, "best": run.best})
+    return results, raw
+
+
+def detect(cfg: DetectConfig) -> dict[str, Any]:
+    """Fine-tune (or resume) Mask R-CNN, evaluating every ``eval_every`` epochs and at the
+    end; returns a summary dict."""
+    from ..utils import resolve_amp, resolve_device, seed_everything
+
+    t_start = time.perf_counter()
+    torch.set_flush_denormal(True)
+    out = Path(cfg.out)
+    checkpoint = _load_resume(cfg)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_amp(cfg.amp, device)
+    train_set, eval_set = _datasets(cfg)
+    model, arch, meta = _model_for(cfg, train_set.num_classes, checkpoint)
+    model.to(device)
     lr = cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size / 2
     optimizer = torch.optim.AdamW(param_groups(model, lr, cfg.stage_lr_decay, cfg.weight_decay),
                                   lr=lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    step, epoch, log = 0, 0, []
+    run = RunState()
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        step, epoch, log = checkpoint["step"], checkpoint["epoch"], checkpoint.get("log", [])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        run = RunState(checkpoint["step"], checkpoint["epoch"], checkpoint.get("log", []),
+                       checkpoint.get("evals", []), checkpoint.get("best"))
         torch.set_rng_state(checkpoint["rng"]["torch"])
         train_set.rng.setstate(checkpoint["rng"]["flip"])
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", {**cfg.to_dict(), "lr_resolved": lr, "weights_meta": meta})
+    write_json(out / "config.json", {**cfg.to_dict(), "lr_resolved": lr, "weights_meta": meta,
+                                     "amp_dtype": _dtype_name(amp_dtype)})
 
-    def save():
-        payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "step": step, "epoch": epoch, "config": cfg.to_dict(), "log": log,
-                   "weights_meta": meta, "num_classes": train_set.num_classes,
-                   "rng": {"torch": torch.get_rng_state(), "flip": train_set.rng.getstate()}}
-        checkpoint_io.save(out / CHECKPOINT_NAME, payload)
+    def weights_payload() -> dict:
+        return {"model": model.state_dict(), "step": run.step, "epoch": run.epoch,
+                "config": cfg.to_dict(), "weights_meta": meta,
+                "num_classes": train_set.num_classes, "best": run.best}
 
-    step_times = []
-    stopped = False
-    while epoch < cfg.epochs and not stopped:
+    def save() -> None:
+        checkpoint_io.save(out / CHECKPOINT_NAME, {
+            **weights_payload(), "optimizer": optimizer.state_dict(), "log": run.log,
+            "evals": run.evals, "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "flip": train_set.rng.getstate()}})
+        if run.log:
+            write_csv(out / "log.csv", run.log, list(run.log[0].keys()))
+
+    def evaluate_now():
+        return run.step, _evaluate_and_record(model, eval_set, device, cfg, out, run,
+                                              weights_payload)
+
+    latest, stopped = None, False
+    while run.epoch < cfg.epochs and not stopped:
         model.train()
-        batches = _batches(len(train_set), cfg.batch_size, cfg.seed, epoch)
-        for b_index in range(step - epoch * steps_per_epoch, len(batches)):
-            if cfg.max_steps is not None and step >= cfg.max_steps:
+        batches = _batches(len(train_set), cfg.batch_size, cfg.seed, run.epoch)
+        for b_index in range(run.step - run.epoch * steps_per_epoch, len(batches)):
+            if cfg.max_steps is not None and run.step >= cfg.max_steps:
                 stopped = True
                 break
             t0 = time.perf_counter()
-            images, targets = _collate([train_set[i] for i in batches[b_index]])
-            images, targets = _to_device(images, targets, device)
-            factor = _lr_factor(step, total, cfg.warmup_iters, cfg.warmup_factor)
+            images, targets = _to_device(*_collate([train_set[i] for i in batches[b_index]]), device)
+            factor = _lr_factor(run.step, total, cfg.warmup_iters, cfg.warmup_factor)
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
-            with _autocast(device, cfg.amp):
-                losses = model(images, targets)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"step {step}: loss is {loss.item()} "
-                                         f"({ {k: v.item() for k, v in losses.items()} }); "
-                                         "lower --lr. The last checkpoint is intact.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
+            losses = train_step(model, optimizer, images, targets, amp_dtype=amp_dtype,
+                                scaler=scaler, step=run.step)
+            run.step += 1
             dt = time.perf_counter() - t0
-            step_times.append(dt)
-            row = {"step": step, "epoch": epoch, "lr": lr * factor, "loss": loss.item(),
-                   **{k: v.item() for k, v in losses.items()}, "seconds": round(dt, 3)}
-            log.append(row)
+            run.log.append({"step": run.step, "epoch": run.epoch, "lr": lr * factor, **losses,
+                            "seconds": round(dt, 3)})
             if not cfg.quiet:
-                print(f"step {step}/{total} epoch {epoch} loss {row['loss']:.4f} ({dt:.2f} s)",
-                      flush=True)
+                print(f"step {run.step}/{total} epoch {run.epoch} loss {losses['loss']:.4f} "
+                      f"({dt:.2f} s)", flush=True)
         else:
-            epoch += 1
+            run.epoch += 1
+            if cfg.eval_every and run.epoch % cfg.eval_every == 0:
+                latest = evaluate_now()
         save()
-        if log:
-            write_csv(out / "log.csv", log, list(log[0].keys()))
 
-    results, raw = predict(model, eval_set, device, mask_thresh=cfg.mask_thresh, amp=cfg.amp)
+    if latest is None or latest[0] != run.step:
+        latest = evaluate_now()
+        save()
+    results, raw = latest[1]
     write_json(out / "predictions.json", results)
-    metrics = evaluate(eval_set.coco, results, verbose=not cfg.quiet)
-    write_json(out / "metrics.json", {"split": cfg.eval_split, "step": step, "epoch": epoch,
-                                      "images": len(eval_set), "metrics": metrics})
     figures = write_figures(out, eval_set, raw, cfg.figures)
-    return {"out": str(out), "arch": arch, "step": step, "epoch": epoch,
-            "num_classes": train_set.num_classes, "lr": lr, "metrics": metrics,
+    step_times = [row["seconds"] for row in run.log]
+    last = {k: v for k, v in run.evals[-1].items() if k not in ("step", "epoch")}
+    return {"out": str(out), "arch": arch, "step": run.step, "epoch": run.epoch,
+            "num_classes": train_set.num_classes, "lr": lr, "amp": cfg.amp,
+            "amp_dtype": _dtype_name(amp_dtype), "metrics": last,
+            "best": run.best, "evaluations": len(run.evals),
             "predictions": str(out / "predictions.json"), "figures": figures,
-            "checkpoint": str(out / CHECKPOINT_NAME),
+            "checkpoint": str(out / CHECKPOINT_NAME), "best_checkpoint": str(out / BEST_NAME),
             "seconds_per_step": float(np.median(step_times)) if step_times else None,
             "seconds": round(time.perf_counter() - t_start, 2)}

@@ -37,6 +37,7 @@ from .. import checkpoint
 from ..files import write_text
 from ..masking import budget_masks, random_masks, region_masks
 from ..progress import progress as progress_bar
+from ..utils import AMP_CHOICES, resolve_amp
 from .data import Augment, RegionImageDataset, dataset_stats
 from .optim import apply_schedule, build_optimizer, lr_at, peak_lr, wd_at
 
@@ -92,8 +93,8 @@ class PretrainConfig:
         if self.masking in ("region", "budget", "soft") and not self.regions:
             raise DataError(f"--masking {self.masking} needs region masks: pass --regions DIR "
                             "(or use --masking random).")
-        if self.amp not in ("auto", "bf16", "fp16", "none"):
-            raise ValueError(f"amp must be auto, bf16, fp16 or none, got {self.amp!r}")
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -279,14 +280,7 @@ class Trainer:
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
-        amp = self.cfg.amp
-        if amp == "auto":
-            amp = "bf16"
-        if amp == "none":
-            return None
-        if amp == "fp16" and self.device.type != "cuda":
-            raise ValueError("--amp fp16 needs a CUDA GPU; use bf16 on CPU.")
-        return torch.bfloat16 if amp == "bf16" else torch.float16
+        return resolve_amp(self.cfg.amp, self.device)
 
     # ---- the loop
 
