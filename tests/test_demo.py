@@ -1,32 +1,40 @@
-"""`mwm demo` end to end at a tiny size: every stage leaves its files."""
+"""`mwm demo --quick` end to end: every stage leaves its files, the table and the report."""
 
 import json
 
 import cv2
 
-from mwm.cli import main
+# The issue's budget for --quick on a 2-core CPU is 3 minutes (measured: see CHANGELOG);
+# the test allows 1.5x that so a busy CI machine does not turn timing noise into a failure.
+QUICK_BUDGET_S = 180
 
 
-def test_demo_runs_every_stage(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--n", "40", "--size", "64", "--clip-seconds", "5",
-                 "--clip-epochs", "1", "--pretrain-epochs", "1", "--workers", "1", "--quiet"]) == 0
-    text = capsys.readouterr().out
-    assert "contact sheet" in text and "mean DSC" in text
-    for path in ("phantoms/labels.csv", "clip/open_clip_model.safetensors", "eval/summary.json",
-                 "run_manifest.json"):
+def test_quick_demo_runs_every_stage(quick_demo):
+    out, code, text, seconds = quick_demo
+    assert code == 0, text
+    assert seconds < 1.5 * QUICK_BUDGET_S, f"mwm demo --quick took {seconds:.0f} s"
+    for path in ("data/labels.csv", "data/contact_sheet.png", "clip/open_clip_model.safetensors",
+                 "localization/summary.json", "results.csv", "results.md", "accuracy_vs_ratio.png",
+                 "report.html", "run_manifest.json"):
         assert (out / path).is_file(), path
-    n_test = sum(1 for line in (out / "phantoms" / "labels.csv").read_text().splitlines()
-                 if line.endswith(",test"))
-    assert len(list((out / "saliency").glob("*.png"))) == 40  # every image gets a region
-    assert len(list((out / "regions").glob("*.png"))) == 40
-    assert len(list((out / "eval" / "gt").glob("*.png"))) == n_test  # scored on test only
-    assert (out / "pretrain" / "encoder.safetensors").is_file()
-    assert "linear probe" in text
-    sheet = cv2.imread(str(out / "contact_sheet.png"))
-    assert sheet is not None and sheet.shape[0] > 100
+    n_images = sum(1 for _ in (out / "data" / "images").glob("*.png"))
+    assert len(list((out / "saliency").glob("*.png"))) == n_images  # every image gets a map
+    assert len(list((out / "regions").glob("*.png"))) == n_images
+    for strategy in ("random-60", "region-80-40"):
+        pre = out / "cells" / strategy / "seed0" / "pretrain"
+        assert (pre / "encoder.safetensors").is_file(), strategy
+        assert list((pre / "figures").glob("epoch_*.png")), strategy
+    assert not (out / "cells" / "scratch" / "seed0" / "pretrain").exists()
+    # the printed table has every strategy and the report path
+    for strategy in ("scratch", "random-60", "region-80-40"):
+        assert f"| {strategy} |" in text
+    assert "report:" in text
     manifest = json.loads((out / "run_manifest.json").read_text())
-    assert manifest["status"] == "ok"
-    assert 0.0 <= manifest["results"]["localization"]["dice"]["mean"] <= 1.0
-    for probe in manifest["results"]["linear_probe"].values():
-        assert 0.0 <= probe["accuracy"] <= 1.0
+    assert manifest["status"] == "ok" and manifest["command"] == "demo"
+    results = json.loads((out / "results.json").read_text())
+    assert not results["missing"]
+    region = next(r for r in results["strategies"] if r["strategy"] == "region-80-40")
+    assert 0.0 <= region["linear_mean"] <= 1.0
+    assert 0.3 < region["ratio_overall"] < 0.9
+    sheet = cv2.imread(str(out / "data" / "contact_sheet.png"))
+    assert sheet is not None and sheet.shape[0] > 100

@@ -1,0 +1,170 @@
+"""`mwm experiment`: config checks, cells, sharding, resume, stale cells, results math."""
+
+import csv
+import json
+import math
+import os
+
+import pytest
+import yaml
+
+from mwm.cli import main
+from mwm.data.io import DataError
+from mwm.experiment import cells_of, parse_experiment, shard_from
+from mwm.experiment.results import cell_rows, mean_std, strategy_rows
+
+TINY = {
+    "name": "tiny",
+    "data": {"phantoms": {"modality": "brain-mri", "n": 24, "size": 64, "seed": 0}},
+    "pretrain": {"model": "resnet10t", "input_size": 64, "decoder_width": 32, "epochs": 1,
+                 "batch_size": 4, "amp": "none", "channels_last": False, "stat_images": 8,
+                 "log_every": 1, "warmup_epochs": 0.5},
+    "evaluate": [{"name": "linear", "mode": "linear", "epochs": 2, "batch_size": 8}],
+    "seeds": [0],
+    "reference": "random-50",
+    "strategies": [{"name": "scratch", "masking": "none"},
+                   {"name": "random-50", "masking": "random", "ratio": 0.5},
+                   {"name": "region-gt", "masking": "region", "ratio_salient": 0.8,
+                    "ratio_background": 0.4, "regions": "ground_truth"}],
+}
+
+
+def write_config(path, **changes):
+    config = json.loads(json.dumps(TINY))
+    config.update(changes)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run(config_path, out, *extra):
+    return main(["experiment", str(config_path), "--out", str(out), "--quiet", "--workers", "1",
+                 "--no-report", *extra])
+
+
+def test_shards_resume_and_stale_cells(tmp_path, capsys):
+    config = write_config(tmp_path / "exp.yaml")
+    out = tmp_path / "run"
+    # two shards one after the other (as two processes sharing the folder would)
+    assert run(config, out, "--shard", "0/2") == 0
+    first = json.loads((out / "results.json").read_text())
+    assert first["missing"] == ["random-50/seed0"]  # shard 1's cell
+    assert run(config, out, "--shard", "1/2") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["missing"] == []
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["strategy"] for r in rows] == ["scratch", "random-50", "region-gt"]
+    by_name = {r["strategy"]: r for r in rows}
+    assert float(by_name["random-50"]["ratio_overall"]) == pytest.approx(0.5)  # 2x2 grid: 2 of 4
+    assert by_name["scratch"]["ratio_overall"] == "nan"
+    assert float(by_name["random-50"]["linear_delta"]) == 0.0
+    for name in ("random-50", "region-gt"):
+        assert (out / "cells" / name / "seed0" / "pretrain" / "encoder.safetensors").is_file()
+    cell_file = out / "cells" / "region-gt" / "seed0" / "cell.json"
+    stamp = cell_file.stat().st_mtime_ns
+    capsys.readouterr()
+
+    # a rerun with the same settings reuses every cell
+    assert run(config, out) == 0
+    assert capsys.readouterr().out.count("up to date: ") == 3
+    assert cell_file.stat().st_mtime_ns == stamp
+
+    # other evaluation settings: the cell is recomputed, never reused
+    changed = write_config(tmp_path / "exp2.yaml", strategies=[TINY["strategies"][0]], reference=None,
+                           evaluate=[{"name": "linear", "mode": "linear", "epochs": 1, "batch_size": 8}])
+    scratch_file = out / "cells" / "scratch" / "seed0" / "cell.json"
+    assert json.loads(scratch_file.read_text())["evaluations"]["linear"]["epochs"] == 2
+    assert run(changed, out) == 0
+    assert "up to date: " not in capsys.readouterr().out
+    assert json.loads(scratch_file.read_text())["evaluations"]["linear"]["epochs"] == 1
+
+
+def test_region_strategy_reads_ground_truth_regions(tmp_path):
+    config = write_config(tmp_path / "exp.yaml", strategies=[TINY["strategies"][2]], reference=None)
+    out = tmp_path / "run"
+    assert run(config, out) == 0
+    cell = json.loads((out / "cells" / "region-gt" / "seed0" / "cell.json").read_text())
+    assert cell["pretrain"]["ratio_salient"] > cell["pretrain"]["ratio_background"]
+    assert not (out / "saliency").exists()  # ground-truth regions need no localization
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"unknown": 1}, "unknown key"),
+    ({"pretrain": {"epoch": 3}}, "pretrain"),
+    ({"pretrain": {"seed": 3}}, "may not set"),
+    ({"strategies": [{"name": "x", "masking": "checkerboard"}]}, "masking must be one of"),
+    ({"strategies": [{"name": "../x", "masking": "random", "ratio": 0.5}]}, "names a folder"),
+    ({"strategies": []}, "non-empty"),
+    ({"reference": "nope"}, "reference"),
+    ({"strategies": [{"name": "r", "masking": "region"}]}, "localize.prompt"),
+    ({"evaluate": [{"mode": "linear"}]}, "needs a name"),
+])
+def test_config_errors_name_the_problem(change, message):
+    raw = {**TINY, **change}
+    with pytest.raises(DataError, match=message):
+        parse_experiment(raw, source="exp.yaml")
+
+
+def test_config_error_exits_2(tmp_path, capsys):
+    config = write_config(tmp_path / "bad.yaml", pretrain={"epochz": 1})
+    assert main(["experiment", str(config), "--out", str(tmp_path / "o")]) == 2
+    assert "bad.yaml" in capsys.readouterr().err
+
+
+def test_shipped_configs_parse():
+    from mwm.experiment import load_experiment
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    names = sorted(os.listdir(root))
+    assert "phantom-brain-mri.yaml" in names and "paper-resnet50.yaml" in names
+    for name in names:
+        config = load_experiment(os.path.join(root, name))
+        assert len(cells_of(config)) == len(config.strategies) * len(config.seeds)
+    paper = load_experiment(os.path.join(root, "paper-resnet50.yaml"))
+    assert paper.pretrain["model"] == "resnet50" and paper.pretrain["batch_size"] == 128
+    assert paper.pretrain["epochs"] == 500 and paper.pretrain["input_size"] == 224
+
+
+def test_torchrun_environment_becomes_a_shard(monkeypatch):
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "3"), ("LOCAL_RANK", "1"),
+                        ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    shard = shard_from(None, "cpu")
+    assert (shard.index, shard.count, shard.device) == (1, 3, "cpu")
+    # the cells run as single processes: no DDP setup may see torchrun's variables
+    assert "WORLD_SIZE" not in os.environ and "RANK" not in os.environ
+    with pytest.raises(DataError, match="K/N"):
+        shard_from("2", "cpu")
+    with pytest.raises(DataError):
+        shard_from("3/3", "cpu")
+
+
+def test_shards_cover_every_cell_once():
+    config = parse_experiment({**TINY, "seeds": [0, 1, 2]})
+    cells = cells_of(config)
+    parts = [cells[k::4] for k in range(4)]
+    keys = [c.key for part in parts for c in part]
+    assert sorted(keys) == sorted(c.key for c in cells) and len(set(keys)) == len(cells) == 9
+
+
+def test_results_mean_std_and_paired_delta():
+    config = parse_experiment({**TINY, "seeds": [0, 1]})
+
+    def record(strategy, seed, accuracy, ratio):
+        pre = None if strategy == "scratch" else {"ratio_overall": ratio, "ratio_salient": ratio,
+                                                  "ratio_background": ratio, "seconds": 10.0,
+                                                  "final_loss": 1.0}
+        return {"strategy": strategy, "masking": "x", "seed": seed, "pretrain": pre,
+                "evaluations": {"linear": {"accuracy": accuracy}}}
+
+    records = [record("random-50", 0, 0.50, 0.5), record("random-50", 1, 0.60, 0.5),
+               record("region-gt", 0, 0.58, 0.45), record("region-gt", 1, 0.64, 0.47),
+               record("scratch", 0, 0.30, None)]
+    rows = {r["strategy"]: r for r in strategy_rows(config, cell_rows(config, records))}
+    assert rows["region-gt"]["linear_mean"] == pytest.approx(0.61)
+    assert rows["region-gt"]["linear_std"] == pytest.approx(math.sqrt(((0.03) ** 2) * 2))
+    # per-seed differences 0.08 and 0.04
+    assert rows["region-gt"]["linear_delta"] == pytest.approx(0.06)
+    assert rows["region-gt"]["ratio_overall"] == pytest.approx(0.46)
+    assert rows["scratch"]["n_seeds"] == 1 and math.isnan(rows["scratch"]["ratio_overall"])
+    assert rows["scratch"]["linear_delta"] == pytest.approx(-0.20)  # only seed 0 is paired
+    assert math.isnan(mean_std([])[0])
