@@ -60,6 +60,7 @@ def add_common(p: argparse.ArgumentParser, *, seed: bool = True, workers: bool =
 
 def cmd_phantoms(args: argparse.Namespace) -> int:
     from .data.phantoms import generate_phantoms
+    from .report.contact_sheet import write_phantom_sheet
     from .runlog import RunManifest
 
     out = _require(args.out, "OUT (the output folder)")
@@ -70,7 +71,7 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
                                     progress=not args.quiet)
         run.add(class_counts=summary.class_counts, split_counts=summary.split_counts,
                 seconds=summary.seconds)
-        _phantom_sheet(Path(out), args.modality)
+        write_phantom_sheet(out, args.modality)
     rate = summary.n / max(summary.seconds, 1e-9)
     print(f"wrote {summary.n} {summary.modality} phantoms ({summary.size}x{summary.size}) to "
           f"{out} in {summary.seconds:.1f} s ({rate:.0f} images/s)")
@@ -79,21 +80,43 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _phantom_sheet(out: Path, modality: str) -> None:
-    from .data.layouts import read_manifest
-    from .demo import read_captions
-    from .files import write_png
-    from .report.contact_sheet import dataset_contact_sheet
-
-    sheet = dataset_contact_sheet(read_manifest(out / "labels.csv"), read_captions(out / "captions.csv"),
-                                  title=f"MWM phantoms: {modality} (red: lesion mask)")
-    write_png(out / "contact_sheet.png", sheet)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(args)
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiment import load_experiment, run_experiment, shard_from
+    from .experiment.results import results_markdown
+    from .runlog import RunManifest
+
+    config = load_experiment(args.experiment)
+    out = Path(args.out or Path("runs") / config.name)
+    shard = shard_from(args.shard, args.device)
+    manifest_dir = out if shard.main else out / "shards" / str(shard.index)
+    with RunManifest(manifest_dir, "experiment", {**_config_of(args), "experiment_file": config.to_dict()}) as run:
+        results = run_experiment(config, out, shard=shard, workers=args.workers, quiet=args.quiet)
+        run.add(missing=results["missing"], failures=results["failures"])
+    report = _write_report(out) if not args.no_report else None
+    print("\n" + results_markdown(results))
+    print(f"results: {out / 'results.md'}" + (f"; report: {report}" if report else ""))
+    return _finish([{"name": f.split(":")[0], "reason": f} for f in results["failures"]], "cell")
+
+
+def _write_report(run_dir: Path, path: Path | None = None) -> Path:
+    from .report.html import write_report
+
+    return write_report(run_dir, path)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir}: not a folder; give the --out folder of `mwm demo` or "
+                        "`mwm experiment`.")
+    print(f"report: {_write_report(run_dir, Path(args.out) if args.out else None)}")
+    return EXIT_OK
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -363,15 +386,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write classes/<split>/<class>/ links for class-folder tools")
     add_common(p, workers=True)
 
-    p = _add(sub, "demo", cmd_demo, "run the pipeline on synthetic phantoms, offline")
+    p = _add(sub, "demo", cmd_demo, "run the pipeline on synthetic phantoms, offline: "
+             "phantoms, CLIP, localization, random vs region-aware pretraining, probes, report")
     add_out(p, default="mwm-demo")
+    p.add_argument("--quick", action="store_true",
+                   help="a smaller run (under 3 minutes on 2 CPU cores; default: about 10-15)")
     p.add_argument("--modality", choices=MODALITIES, default="brain-mri")
-    p.add_argument("--n", type=int, default=400, help="number of phantom images (default: 400)")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels (default: 128)")
-    p.add_argument("--clip-seconds", type=float, default=120.0,
-                   help="time budget of the CLIP training (default: 120 s)")
-    p.add_argument("--clip-epochs", type=int, default=14, help="CLIP epochs at most")
-    p.add_argument("--pretrain-epochs", type=int, default=10, help="pretraining epochs")
+    p.add_argument("--n", type=int, help="number of phantom images (default: 400; quick: 96)")
+    p.add_argument("--size", type=int, help="image side in pixels (default: 128; quick: 96)")
+    p.add_argument("--clip-seconds", type=float,
+                   help="time budget of the CLIP training (default: 120 s; quick: 20 s)")
+    p.add_argument("--clip-epochs", type=int, help="CLIP epochs at most (default: 14; quick: 3)")
+    p.add_argument("--pretrain-epochs", type=int,
+                   help="pretraining epochs per strategy (default: 8; quick: 2)")
+    p.add_argument("--probe-epochs", type=int, help="linear-probe epochs (default: 20; quick: 10)")
     add_common(p, workers=True)
 
     p = _add(sub, "inspect", cmd_inspect, "check a dataset: read every image (and mask and "
@@ -589,6 +617,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_out(p)
     p.add_argument("--tolerance", type=float, default=2.0,
                    help="NSD tolerance in pixels (default 2)")
+    add_common(p, seed=False)
+
+    p = _add(sub, "experiment", cmd_experiment, "compare masking strategies: a grid of "
+             "strategies x seeds, each pretrained and evaluated the same way (resumable)")
+    p.add_argument("experiment", metavar="EXPERIMENT.yaml",
+                   help="experiment file (see configs/ and docs/experiment.md)")
+    add_out(p, default=None)
+    p.add_argument("--shard", metavar="K/N", help="run every N-th cell starting at K (one "
+                   "process per GPU; automatic under torchrun)")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html")
+    add_common(p, seed=False, workers=True, device=True)
+
+    p = _add(sub, "report", cmd_report, "write a self-contained HTML report of a demo or "
+             "experiment folder (figures embedded, opens offline)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="folder written by `mwm demo` or "
+                   "`mwm experiment`")
+    p.add_argument("--out", metavar="FILE.html", help="report path (default: RUN_DIR/report.html)")
     add_common(p, seed=False)
     return parser
 

@@ -238,7 +238,8 @@ class Trainer:
         cfg = self.cfg
         data = open_dataset(cfg.images, cfg.regions, require_masks=cfg.regions is not None)
         samples = [s for s in data.samples if s.split in (None, "train")]
-        dataset = RegionImageDataset(samples, cfg.input_size, augment=Augment(), seed=cfg.seed)
+        dataset = RegionImageDataset(samples, cfg.input_size, augment=Augment(), seed=cfg.seed,
+                                     continuous=cfg.masking == "soft")
         if self.checkpoint is not None:
             mean, std = self.checkpoint["mean"], self.checkpoint["std"]
         else:
