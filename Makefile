@@ -8,7 +8,7 @@ STAMP := $(VENV)/.mwm-installed
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean browser
 
 install: $(STAMP)
 
@@ -21,8 +21,18 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/mwm demo
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
+
+# The report's browser test renders it in headless Chromium. Install Debian's package when
+# it is missing and we can (root or password-less sudo); otherwise say so and go on: the
+# test then skips with the same message.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo "sudo -n")
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  ( ( $(SUDO) apt-get install -y -qq chromium || ( $(SUDO) apt-get update -qq && \
+	      $(SUDO) apt-get install -y -qq chromium ) ) >/dev/null 2>&1 && echo "installed Chromium" ) || \
+	  echo "note: could not install Chromium (needs apt and root); the report's browser test will be skipped"
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -53,6 +53,7 @@ def main() -> None:
             summary = finetune(FinetuneConfig(data=str(data), out=str(out), weights=weights,
                                               model="resnet18", mode=mode, input_size=args.size,
                                               epochs=epochs, batch_size=32, warmup_epochs=1,
+                                              amp="none",  # fp32, as the recorded results
                                               workers=2, device="cpu", quiet=True))
             m = summary["best"]["metrics"]
             rows.append(f"| {mode} | {name} | {m['accuracy']:.3f} | {m['balanced_accuracy']:.3f} | "
@@ -63,7 +64,7 @@ def main() -> None:
         summary = detect(DetectConfig(data=str(data), out=str(work / f"det-{name}"), weights=weights,
                                       model="resnet18", input_size=args.size, epochs=100,
                                       max_steps=args.detect_steps, roi_batch_size=128, device="cpu",
-                                      quiet=True))
+                                      amp="none", quiet=True))
         m = summary["metrics"]
         det_rows.append(f"| {name} | {m['bbox/AP']:.3f} | {m['bbox/AP50']:.3f} | {m['segm/AP']:.3f} | "
                         f"{m['segm/AP50']:.3f} | {summary['step']} |")

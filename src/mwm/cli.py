@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="a smaller run (under 3 minutes on 2 CPU cores; default: about 10-15)")
     p.add_argument("--modality", choices=MODALITIES, default="brain-mri")
-    p.add_argument("--n", type=int, help="number of phantom images (default: 400; quick: 96)")
+    p.add_argument("--n", type=int, help="number of phantom images (default: 400; quick: 64)")
     p.add_argument("--size", type=int, help="image side in pixels (default: 128; quick: 96)")
     p.add_argument("--clip-seconds", type=float,
                    help="time budget of the CLIP training (default: 120 s; quick: 20 s)")
