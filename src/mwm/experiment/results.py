@@ -104,23 +104,31 @@ def _signed(mean: float, std: float) -> str:
     return "–" if math.isnan(mean) else f"{mean:+.3f} ± {std:.3f}"
 
 
-def results_markdown(results: dict) -> str:
+def _number(value: float, digits: int) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def results_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the strategy table as text cells, for Markdown and the report."""
     evals, reference = results["evaluations"], results["reference"]
     header = ["strategy", "masking", "regions", "settings", "seeds", "realized mask ratio",
               "pretrain s"]
     for e in evals:
         header += [f"{e} accuracy"] + ([f"Δ vs {reference}"] if reference else [])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for row in results["strategies"]:
         cells = [row["strategy"], row["masking"], row["regions"], row["settings"],
-                 str(row["n_seeds"]),
-                 "–" if math.isnan(row["ratio_overall"]) else f"{row['ratio_overall']:.3f}",
-                 "–" if math.isnan(row["pretrain_seconds"]) else f"{row['pretrain_seconds']:.0f}"]
+                 str(row["n_seeds"]), _number(row["ratio_overall"], 3),
+                 _number(row["pretrain_seconds"], 0)]
         for e in evals:
             cells.append(_pm(row[f"{e}_mean"], row[f"{e}_std"]))
             if reference:
                 cells.append(_signed(row[f"{e}_delta"], row[f"{e}_delta_std"]))
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    return header, rows
+
+
+def results_notes(results: dict) -> list[str]:
     notes = [f"Accuracy: mean ± std over seeds {results['seeds']}, last epoch on the evaluation "
              "split (no model selection on it). Δ: mean ± std of per-seed differences to the "
              "reference (same seed = same initialization and data order)."]
@@ -129,4 +137,11 @@ def results_markdown(results: dict) -> str:
                      "masks on the test split.")
     if results["missing"]:
         notes.append(f"Missing cells ({len(results['missing'])}): " + ", ".join(results["missing"]))
-    return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+    return notes
+
+
+def results_markdown(results: dict) -> str:
+    header, rows = results_table(results)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n\n" + "\n\n".join(results_notes(results)) + "\n"

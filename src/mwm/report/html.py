@@ -22,7 +22,6 @@ import base64
 import csv
 import html
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -102,37 +101,18 @@ def render_report(run_dir: Path) -> str:
 
 # --------------------------------------------------------------------------- sections
 
-def _fmt(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{value:.{digits}f}" if isinstance(value, float) else html.escape(str(value))
-
-
 def _results_section(run_dir: Path, results: dict | None) -> str:
+    from ..experiment.results import results_notes, results_table
+
     if not results:
         return ""
-    evals, reference = results["evaluations"], results.get("reference")
-    head = ["strategy", "masking", "regions", "settings", "seeds", "realized mask ratio", "pretrain s"]
-    for e in evals:
-        head += [f"{e} accuracy"] + ([f"Δ vs {reference}"] if reference else [])
-    rows = []
-    for row in results["strategies"]:
-        cells = [_fmt(row["strategy"]), _fmt(row["masking"]), _fmt(row["regions"]),
-                 _fmt(row["settings"]), _fmt(row["n_seeds"]), _fmt(row["ratio_overall"]),
-                 _fmt(row["pretrain_seconds"], 0)]
-        for e in evals:
-            cells.append(f"{_fmt(row[f'{e}_mean'])} ± {_fmt(row[f'{e}_std'])}")
-            if reference:
-                cells.append(f"{_fmt(row[f'{e}_delta'])} ± {_fmt(row[f'{e}_delta_std'])}")
-        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    table = ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
-             + "".join(rows) + "</table>")
-    notes = [f"Accuracy: mean ± std over seeds {results['seeds']}, last epoch on the evaluation "
-             "split. Δ: mean ± std of per-seed differences to the reference."]
-    if results.get("missing"):
-        notes.append("Missing cells: " + ", ".join(results["missing"]))
+    header, rows = results_table(results)
+    table = ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+             + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+                       for cells in rows) + "</table>")
+    parts = ["<h2>Results</h2>", table]
+    parts += [f'<p class="note">{html.escape(note)}</p>' for note in results_notes(results)]
     plot = run_dir / "accuracy_vs_ratio.png"
-    parts = ["<h2>Results</h2>", table] + [f'<p class="note">{html.escape(n)}</p>' for n in notes]
     if plot.is_file():
         parts.append(figure(plot, "downstream accuracy against the realized overall mask ratio", wide=True))
     return "\n".join(parts)
