@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from mwm.masking import (budget_masks, cell_occupancy, exact_count, grid_shape, random_masks,
-                         region_masks, salient_cells, upsample_cells)
+from mwm.masking import (_cells_in_key_order, _kth_smallest, _random_keys, budget_masks,
+                         cell_occupancy, exact_count, grid_shape, masks_from_salient_cells,
+                         random_masks, region_masks, salient_cells, upsample_cells)
 
 
 def gen(seed=0):
@@ -54,6 +55,93 @@ def test_region_counts_exact_for_many_shapes():
     n_s = salient.sum(1)
     assert ((salient & masked).sum(1) == exact_count(n_s, 0.7)).all()
     assert ((~salient & masked).sum(1) == exact_count(64 - n_s, 0.3)).all()
+
+
+def salient_with_counts(counts, grid=(7, 7), seed=0):
+    """Bool (B, gh, gw) with counts[b] salient cells at random places."""
+    n = grid[0] * grid[1]
+    g = gen(seed)
+    rows = [torch.randperm(n, generator=g) < c for c in counts]
+    return torch.stack(rows).view(len(counts), *grid)
+
+
+@pytest.mark.parametrize("ratios", [(0.8, 0.4, None), (0.75, 0.25, 0.6), (1.0, 0.0, 0.0),
+                                    (0.0, 1.0, 1.0), (0.5, 0.5, 0.5)])
+def test_counts_exact_for_every_salient_count(ratios):
+    r_s, r_b, r_e = ratios
+    counts = [n for n in range(50) for _ in range(3)]  # every n in 0..49, incl. empty
+    salient = salient_with_counts(counts)
+    masks = masks_from_salient_cells(salient, r_s, r_b, empty_ratio=r_e, generator=gen())
+    s, m = salient.flatten(1), masks.masked_bhw.flatten(1)
+    n_s = s.sum(1)
+    assert ((s & m).sum(1) == exact_count(n_s, r_s)).all()
+    k_b = torch.where(n_s == 0, exact_count(torch.tensor(49), r_b if r_e is None else r_e),
+                      exact_count(49 - n_s, r_b))
+    assert ((~s & m).sum(1) == k_b).all()
+    assert masks.empty_b.tolist() == (n_s == 0).tolist()
+
+
+def test_every_cell_equally_likely():
+    """No cell position is favoured (keys pack random bits above the cell index)."""
+    masks = random_masks(8192, (7, 7), 0.6, generator=gen(2)).masked_bhw.flatten(1).float()
+    freq = masks.mean(0)
+    assert (freq - 29 / 49).abs().max() < 0.03  # ~5.5 standard errors
+    salient = torch.zeros(8192, 7, 7, dtype=torch.bool)
+    salient[:, 2, 1:6] = True  # 5 salient cells, odd and even positions
+    region = masks_from_salient_cells(salient, 0.8, 0.4, generator=gen(3)).masked_bhw.float()
+    assert (region[:, 2, 1:6].mean(0) - 0.8).abs().max() < 0.03
+    background = region.flatten(1)[:, ~salient[0].flatten()]
+    assert (background.mean(0) - round(44 * 0.4) / 44).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (3, 5), (16, 16), (32, 32)])
+def test_exact_counts_on_other_grids(grid):
+    """Odd sizes and grids past 256 cells (64-bit keys)."""
+    n = grid[0] * grid[1]
+    random = random_masks(3, grid, 0.3, generator=gen()).masked_bhw.flatten(1)
+    assert (random.sum(1) == exact_count(torch.tensor(n), 0.3)).all()
+    salient = salient_with_counts([0, 1, n // 3, n], grid)
+    masks = masks_from_salient_cells(salient, 0.7, 0.2, generator=gen()).masked_bhw.flatten(1)
+    s = salient.flatten(1)
+    n_s = s.sum(1)
+    assert ((s & masks).sum(1) == exact_count(n_s, 0.7)).all()
+    assert ((~s & masks).sum(1) == torch.where(n_s == 0, exact_count(torch.tensor(n), 0.2),
+                                               exact_count(n - n_s, 0.2))).all()
+
+
+@pytest.mark.parametrize("n_cells", [49, 1024])
+def test_key_order_matches_torch_sort(n_cells):
+    """The CPU (NumPy) sort and partition agree with torch's, used on other devices."""
+    keys = _random_keys(16, n_cells, gen(), torch.device("cpu"))
+    assert all(row.unique().numel() == n_cells for row in keys)  # unique within a row
+    assert torch.equal(_cells_in_key_order(keys), keys.argsort(dim=1))
+    for k in (1, n_cells // 2, n_cells):
+        assert torch.equal(_kth_smallest(keys, k), keys.kthvalue(k, dim=1, keepdim=True).values)
+
+
+def test_salient_cells_matches_definition():
+    g = gen(4)
+    occ = torch.randint(0, 5, (256, 7, 7), generator=g).float() / 4
+    occ = occ * (torch.rand(256, 7, 7, generator=g) < 0.3)
+    occ[:8] = 0
+    occ[8:64] *= 0.3  # below the threshold everywhere: the peak cells are kept
+    for threshold in (0.25, 0.5, 1.0, 1.5):
+        peak = occ.flatten(1).amax(1).view(-1, 1, 1)
+        above = occ >= threshold
+        vanished = (peak > 0) & ~above.flatten(1).any(1).view(-1, 1, 1)
+        assert torch.equal(salient_cells(occ, threshold), above | (vanished & (occ == peak)))
+
+
+def test_random_and_budget_deterministic():
+    a = random_masks(32, (7, 7), 0.6, generator=gen(9)).masked_bhw
+    assert torch.equal(a, random_masks(32, (7, 7), 0.6, generator=gen(9)).masked_bhw)
+    assert not torch.equal(a, random_masks(32, (7, 7), 0.6, generator=gen(10)).masked_bhw)
+    regions = box_regions(8, 128, [(20, 80, 20, 80)] * 8)
+    b = budget_masks(16, 0.5, 3.0, regions_bhw=regions, generator=gen(9)).masked_bhw
+    assert torch.equal(b, budget_masks(16, 0.5, 3.0, regions_bhw=regions, generator=gen(9)).masked_bhw)
+    for ratio in (0.0, 1.0):
+        full = budget_masks(16, ratio, 3.0, regions_bhw=regions, generator=gen()).masked_bhw
+        assert (full.flatten(1).sum(1) == round(64 * ratio)).all()
 
 
 def test_occupancy_is_area_fraction():
