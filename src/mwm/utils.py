@@ -69,3 +69,15 @@ def resolve_amp(amp: str, device: "torch.device") -> "torch.dtype | None":  # no
         raise ValueError(f"--amp fp16 needs a CUDA GPU (device is {device}); "
                          "use --amp bf16 or none.")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def backward_step(loss: "torch.Tensor", optimizer, scaler=None) -> None:  # noqa: F821
+    """Zero the gradients, back-propagate ``loss`` and step, through the fp16 scaler if any."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()

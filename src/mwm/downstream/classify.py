@@ -92,7 +92,7 @@ from ..data.layouts import Sample, open_dataset
 from .. import checkpoint
 from ..files import write_json, write_text
 from ..progress import progress as progress_bar
-from ..utils import AMP_CHOICES, resolve_amp
+from ..utils import AMP_CHOICES, backward_step, resolve_amp
 from .classify_metrics import (classification_metrics, write_confusion_csv,
                                write_confusion_png)
 
@@ -763,14 +763,7 @@ class Finetuner:
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss.item()} at step {self.step}: lower "
                                              "--lr or use --amp none; the last checkpoint is intact.")
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
+                backward_step(loss, optimizer, scaler)
                 if ema is not None:
                     ema.update(model, step=self.step)
                 losses.append(float(loss.detach()))

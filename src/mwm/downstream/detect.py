@@ -60,7 +60,7 @@ import torch
 from ..data.io import DataError, SliceRef, read_slice, to_model_input
 from .. import checkpoint as checkpoint_io
 from ..files import write_csv, write_json, write_png
-from ..utils import AMP_CHOICES
+from ..utils import AMP_CHOICES, backward_step
 from . import convert
 
 __all__ = ["DetectConfig", "detect", "build_model", "CocoInstances", "evaluate",
@@ -493,14 +493,7 @@ def train_step(model, optimizer, images, targets, *, amp_dtype: torch.dtype | No
         raise FloatingPointError(f"step {step}: loss is {loss.item()} "
                                  f"({ {k: v.item() for k, v in losses.items()} }); "
                                  "lower --lr or use --amp none. The last checkpoint is intact.")
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+    backward_step(loss, optimizer, scaler)
     return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
 
 
