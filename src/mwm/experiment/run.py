@@ -131,7 +131,7 @@ def _prepared(config, run: Path, shard: Shard, workers: int, quiet: bool, log) -
     return Prepared(**{k: Path(v) if isinstance(v, str) else v for k, v in saved.items()})
 
 
-def cell_fingerprint(config: ExperimentConfig, cell: Cell, prepared: Prepared) -> str:
+def cell_fingerprint(config: ExperimentConfig, cell: Cell) -> str:
     regions = None
     if cell.strategy.masking in REGION_MASKINGS:
         regions = (cell.strategy.regions, config.localize, config.data)
@@ -142,7 +142,7 @@ def cell_fingerprint(config: ExperimentConfig, cell: Cell, prepared: Prepared) -
 def run_cell(config: ExperimentConfig, cell: Cell, run: Path, prepared: Prepared,
              device: str = "auto", workers: int = 0, quiet: bool = False, log=print) -> dict:
     folder = cell.folder(run)
-    fingerprint = cell_fingerprint(config, cell, prepared)
+    fingerprint = cell_fingerprint(config, cell)
     done = read_json_or_none(folder / CELL_FILE)
     if done and done.get("fingerprint") == fingerprint:
         log(f"  up to date: {folder}")
