@@ -2,8 +2,9 @@
 
 Each stage writes its own folder under the run directory and is reused when it is
 already complete with the same settings (phantoms via a stamp, the CLIP via its own
-resume, saliency maps via their fingerprints); postprocessing and scoring are cheap
-and always rerun, so they never go stale.
+resume, saliency maps via their fingerprints); regions are redone whenever a map was
+rewritten or the postprocessing settings changed, and scoring always reruns, so nothing
+goes stale.
 
 Layout::
 
@@ -54,9 +55,9 @@ def prepare(config: ExperimentConfig, run: Path, *, workers: int | None = None, 
     masks = data / "masks" if (data / "masks").is_dir() else None
     if not config.needs_localization():
         return Prepared(data, masks, None, None, None)
-    saliency = _saliency(config, data, run, quiet, log)
+    saliency, n_new_maps = _saliency(config, data, run, quiet, log)
     regions = run / "regions"
-    _postprocess(config, saliency, regions, quiet)
+    _postprocess(config, saliency, regions, n_new_maps, quiet)
     scores = _score(data, regions, run / "localization", quiet) if masks else None
     if scores:
         log(f"regions: {regions} (mean DSC {scores['metrics']['dice']['mean']:.3f} on "
@@ -103,7 +104,8 @@ def _vlm_name(config: ExperimentConfig, data: Path, run: Path, quiet: bool, log)
     return f"local-dir:{run / 'clip'}"
 
 
-def _saliency(config: ExperimentConfig, data: Path, run: Path, quiet: bool, log) -> Path:
+def _saliency(config: ExperimentConfig, data: Path, run: Path, quiet: bool, log) -> tuple[Path, int]:
+    """The saliency folder and how many maps this call (re)wrote."""
     from ..data.layouts import open_dataset
     from ..localize.m2ib import M2IBConfig, saliency_maps
     from ..localize.run import localize_samples, model_identity
@@ -121,16 +123,25 @@ def _saliency(config: ExperimentConfig, data: Path, run: Path, quiet: bool, log)
         model_id=model_identity(name), params=m2ib.to_dict(), progress=not quiet,
         shard_items=False, batch_size=int(config.localize.get("batch_size", 8)))
     log(f"saliency: {out} ({summary.n_written} new, {summary.n_skipped} up to date)")
-    return out
+    return out, summary.n_written
 
 
-def _postprocess(config: ExperimentConfig, saliency: Path, out: Path, quiet: bool) -> None:
+def _postprocess(config: ExperimentConfig, saliency: Path, out: Path, n_new_maps: int,
+                 quiet: bool) -> None:
+    """Regions from the maps; redone when a map or a setting changed, else left in place
+    (other shards may be reading them)."""
     from ..localize.postprocess import PostprocessConfig, postprocess_folder
 
     settings = {"method": "otsu", "top_k": 1, **(config.localize.get("postprocess") or {})}
+    stamp = out.with_name(out.name + "_done.json")
+    if n_new_maps == 0 and read_json_or_none(stamp) == settings and out.is_dir():
+        return
+    if stamp.exists():
+        stamp.unlink()
     if out.exists():
-        shutil.rmtree(out)  # cheap to redo; never keep masks made with other settings
+        shutil.rmtree(out)  # never keep masks made from other maps or with other settings
     postprocess_folder(saliency, out, PostprocessConfig(**settings), progress=not quiet)
+    write_json(stamp, settings)
 
 
 def _score(data: Path, regions: Path, out: Path, quiet: bool) -> dict | None:

@@ -116,19 +116,23 @@ def run_experiment(config: ExperimentConfig, run: Path, *, shard: Shard | None =
 
 
 def _prepared(config, run: Path, shard: Shard, workers: int, quiet: bool, log) -> Prepared:
+    """Rank 0 prepares; the others wait for its stamp for these data/localize settings."""
     stamp = run / PREPARED_FILE
+    settings = config.fingerprint(config.data, config.localize)
     if shard.main:
-        if stamp.exists():
-            stamp.unlink()
+        write_json(stamp, {"status": "preparing", "settings": settings})
         prepared = prepare(config, run, workers=workers, quiet=quiet, log=log)
-        write_json(stamp, {k: str(v) if isinstance(v, Path) else v
-                           for k, v in prepared.__dict__.items()})
+        paths = {k: str(v) if isinstance(v, Path) else v for k, v in prepared.__dict__.items()}
+        write_json(stamp, {"status": "ready", "settings": settings, "prepared": paths})
         return prepared
     log(f"shard {shard.index}: waiting for rank 0 to prepare the data and regions ({stamp})")
-    while not stamp.exists():
+    while True:
+        saved = read_json_or_none(stamp) or {}
+        if saved.get("status") == "ready" and saved.get("settings") == settings:
+            break
         time.sleep(5)
-    saved = read_json_or_none(stamp)
-    return Prepared(**{k: Path(v) if isinstance(v, str) else v for k, v in saved.items()})
+    return Prepared(**{k: Path(v) if isinstance(v, str) else v
+                       for k, v in saved["prepared"].items()})
 
 
 def cell_fingerprint(config: ExperimentConfig, cell: Cell) -> str:
