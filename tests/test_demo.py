@@ -38,3 +38,18 @@ def test_quick_demo_runs_every_stage(quick_demo):
     assert 0.3 < region["ratio_overall"] < 0.9
     sheet = cv2.imread(str(out / "data" / "contact_sheet.png"))
     assert sheet is not None and sheet.shape[0] > 100
+
+
+def test_quick_demo_rerun_reuses_every_stage(quick_demo, capsys):
+    from mwm.cli import main
+
+    out = quick_demo[0]
+    weights = out / "clip" / "open_clip_model.safetensors"
+    before = weights.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "CLIP: " in text and "(up to date)" in text  # not trained further
+    assert weights.stat().st_mtime_ns == before
+    assert "(0 new, " in text  # no saliency map recomputed
+    assert text.count("up to date: ") == 3  # every cell reused

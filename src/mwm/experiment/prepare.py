@@ -90,18 +90,34 @@ def _dataset(config: ExperimentConfig, out: Path, workers: int | None, quiet: bo
 
 
 def _vlm_name(config: ExperimentConfig, data: Path, run: Path, quiet: bool, log) -> str:
+    """The localizer: the named model, or a CLIP trained once on the data's captions.
+
+    A trained CLIP is reused as long as its settings are the same, even when its time
+    budget stopped it before its last epoch (a rerun does not train it further, which
+    would change every saliency map).
+    """
     clip = config.localize.get("clip")
     if clip is None:
         return str(config.localize["model"])
     from ..clip import train_clip
 
-    clip = dict(clip)
-    seconds = clip.pop("seconds", None)
-    settings = {**PHANTOM_CLIP, **clip}
-    summary = train_clip(data, run / "clip", time_limit=seconds, progress=not quiet, **settings)
-    log(f"CLIP: {run / 'clip'} ({summary.epochs} epochs, last loss "
-        f"{summary.final_loss if summary.final_loss is None else round(summary.final_loss, 3)})")
-    return f"local-dir:{run / 'clip'}"
+    clip_dir, settings = run / "clip", {**PHANTOM_CLIP, **clip}
+    stamp = run / "clip_done.json"
+    name = f"local-dir:{clip_dir}"
+    if read_json_or_none(stamp) == settings and (clip_dir / "open_clip_model.safetensors").is_file():
+        log(f"CLIP: {clip_dir} (up to date)")
+        return name
+    if stamp.exists():
+        stamp.unlink()
+    options = dict(settings)
+    seconds = options.pop("seconds", None)
+    summary = train_clip(data, clip_dir, time_limit=seconds, progress=not quiet, **options)
+    write_json(stamp, settings)
+    done = len(summary.log)
+    loss = None if summary.final_loss is None else round(summary.final_loss, 3)
+    log(f"CLIP: {clip_dir} ({done} of {summary.epochs} epochs"
+        f"{', stopped by its time budget' if summary.stopped_early else ''}; last loss {loss})")
+    return name
 
 
 def _saliency(config: ExperimentConfig, data: Path, run: Path, quiet: bool, log) -> tuple[Path, int]:
