@@ -110,17 +110,20 @@ def parse_experiment(raw: dict, source: str = "<code>") -> ExperimentConfig:
     return config
 
 
-def _check_keys(section: Any, allowed: set, source: str, where: str) -> None:
+def _require_mapping(section: Any, source: str, where: str) -> None:
     if not isinstance(section, dict):
         raise DataError(f"{source}: '{where}' must be a mapping, got {type(section).__name__}.")
+
+
+def _check_keys(section: Any, allowed: set, source: str, where: str) -> None:
+    _require_mapping(section, source, where)
     unknown = sorted(set(section) - allowed)
     if unknown:
         raise DataError(f"{source}: unknown key(s) {unknown} in {where}; accepted: {sorted(allowed)}.")
 
 
 def _owned_free(section: dict, source: str, where: str) -> dict:
-    if not isinstance(section, dict):
-        raise DataError(f"{source}: '{where}' must be a mapping, got {type(section).__name__}.")
+    _require_mapping(section, source, where)
     clash = sorted(set(section) & CELL_OWNED)
     if clash:
         raise DataError(f"{source}: {where} may not set {clash}: each cell sets them "
@@ -129,7 +132,8 @@ def _owned_free(section: dict, source: str, where: str) -> dict:
 
 
 def _strategy(item: dict, source: str) -> Strategy:
-    _check_keys(item, STRATEGY_KEYS, source, f"strategy {item.get('name', '?') if isinstance(item, dict) else item}")
+    _require_mapping(item, source, "strategies[]")
+    _check_keys(item, STRATEGY_KEYS, source, f"strategy {item.get('name', '?')}")
     if "name" not in item or "masking" not in item:
         raise DataError(f"{source}: every strategy needs a name and a masking ({MASKINGS}).")
     if item["masking"] not in MASKINGS:
