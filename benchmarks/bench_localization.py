@@ -49,16 +49,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training wall-clock budget in seconds (default 600 = 10 min)")
     # CLIP
     p.add_argument("--model", default="scratch-tiny")
-    p.add_argument("--input-size", type=int, default=96)
-    p.add_argument("--arch", default='{"width": 128, "layers": 3, "head_width": 32, '
-                   '"text_width": 128, "text_layers": 2, "text_heads": 2, "embed_dim": 128}',
-                   help="JSON overrides of the scratch preset")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="scratch input side (default: the preset's)")
+    p.add_argument("--arch", default="",
+                   help="JSON overrides of the scratch preset (default: none)")
     p.add_argument("--loss", default="infonce", choices=("infonce", "dhn-nce"))
-    p.add_argument("--epochs", type=int, default=14)
+    p.add_argument("--negatives", default="normal", choices=("caption", "normal", "label"))
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=None, help="peak lr (default: train_clip's)")
     p.add_argument("--prompt-mix", type=float, default=0.2)
-    p.add_argument("--threads", default="auto",
+    p.add_argument("--threads", default="1",
                    help="torch CPU threads: a number, or auto = 1 when the machine is busy "
                         "(1-minute load average > 1), else all cores")
     p.add_argument("--reuse-model", action="store_true",
@@ -66,13 +67,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     # M2IB + postprocess
     p.add_argument("--prompt", default="brain tumor")
     p.add_argument("--absent-prompt", default="fractured femur")
-    p.add_argument("--layer", type=int, default=1)
+    p.add_argument("--layer", type=int, default=None,
+                   help="M2IB layer; default: tuned on validation images with --beta/--noise-scale "
+                        "(mwm.localize.tune.default_grid)")
     p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument("--noise-scale", type=float, default=1.0)
+    p.add_argument("--tune-images", type=int, default=30,
+                   help="validation lesion images for the M2IB grid search")
+    p.add_argument("--tune-post", action=argparse.BooleanOptionalAction, default=True,
+                   help="also choose the binarization (otsu / kmeans / threshold 0.5) and the "
+                        "component ranking (area / mass) on the validation images")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--method", default="otsu", choices=("otsu", "kmeans", "threshold"))
     p.add_argument("--threshold", type=float, default=0.3)
     p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--rank", default="area", choices=("area", "mass"),
+                   help="top-k components by area or by saliency mass")
     p.add_argument("--max-test", type=int, default=60,
                    help="use at most this many test images per group (0 = all)")
     p.add_argument("--out", default=str(RESULTS), help="results folder")
@@ -80,6 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.budget, args.epochs, args.max_test = 200, 60.0, 3, 8
+        args.tune_images = 8
     return args
 
 
@@ -106,11 +118,15 @@ def main(argv=None) -> int:
         args.threads = 1 if load_before > 1.0 else (os.cpu_count() or 1)
     torch.set_num_threads(int(args.threads))
     arch = json.loads(args.arch) if args.arch else None
+    from mwm.clip.train import PRESET_LR
+
+    args.lr_default = PRESET_LR.get(args.model, 5e-4)
     if args.reuse_model and (model_dir / "open_clip_model.safetensors").is_file():
         summary = None
         train_info = json.loads((model_dir / "bench_train.json").read_text())
     else:
         summary = train_clip(data, model_dir, model=args.model, loss=args.loss,
+                             negatives=args.negatives,
                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                              input_size=args.input_size, arch=arch, seed=args.seed,
                              prompt_mix=args.prompt_mix, progress=False, resume=False,
@@ -156,9 +172,16 @@ def evaluate(args, data: Path, model_dir: Path) -> dict:
     if args.max_test:
         lesion, normal = lesion[:args.max_test], normal[:max(1, args.max_test // 3)]
     adapter = load_vlm("local-dir:" + str(model_dir))
-    config = M2IBConfig(layer=args.layer, beta=args.beta, steps=args.steps,
-                        samples=args.samples, seed=args.seed)
-    post = dict(method=args.method, threshold=args.threshold, top_k=args.top_k)
+    post = dict(method=args.method, threshold=args.threshold, top_k=args.top_k, rank=args.rank)
+    zero_shot = zero_shot_metrics(args, data, adapter, rows)
+    print("zero-shot on the test split: " + ", ".join(f"{k} {v:.3f}" for k, v in zero_shot.items()
+                                                       if isinstance(v, float)), flush=True)
+    config = M2IBConfig(layer=args.layer if args.layer is not None else 0, beta=args.beta,
+                        noise_scale=args.noise_scale, steps=args.steps, samples=args.samples,
+                        seed=args.seed)
+    tuned = None
+    if args.layer is None:
+        config, post, tuned = tune_m2ib(args, data, adapter, config, post)
 
     def maps_for(group, prompt):
         images = [load_model_input(data / r["image"]) for r in group]
@@ -203,12 +226,106 @@ def evaluate(args, data: Path, model_dir: Path) -> dict:
         "none_images": {"n": len(normal), "pred_area_fraction": stats(normal_area),
                         "empty_predictions": int(sum(a == 0 for a in normal_area))},
         "per_image": per_image,
-        "m2ib": config.to_dict(), "postprocess": post,
+        "m2ib": config.to_dict(), "postprocess": post, "zero_shot": zero_shot, "tuning": tuned,
         "grid": list(adapter.grid), "input_size": adapter.image_size,
     }
     out["figure"] = figure(args, data, lesion[:6] + normal[:2], maps[:6] + normal_maps[:2],
                            absent_maps[:6], preds[:6], post)
     return out
+
+
+#: Binarizations also tried on the validation images (with ``--tune-post``).
+POST_CANDIDATES = tuple((m, th, rank) for rank in ("area", "mass")
+                        for m, th in (("otsu", 0.3), ("kmeans", 0.3), ("threshold", 0.5)))
+
+CLASS_PROMPTS = {"none": "normal brain MRI without lesion", "glioma": "glioma",
+                 "meningioma": "meningioma", "pituitary": "pituitary adenoma"}
+
+
+def zero_shot_metrics(args, data: Path, adapter, rows: list[dict]) -> dict:
+    """Did the CLIP learn? Zero-shot scores of the test split (all images, lesion-free too).
+
+    * ``auc_prompt``: ROC AUC of cos(image, prompt) for "has a lesion" vs "lesion-free";
+    * ``auc_absent``: the same with the absent prompt (about 0.5 or below when the
+      model ties the prompt, not any text, to lesions);
+    * ``class_accuracy``: 4-way zero-shot classification with :data:`CLASS_PROMPTS`
+      (chance 0.25);
+    * ``retrieval_top1``: image → caption retrieval among the test images' own captions
+      in batches of 32 (chance 1/32; identical wording is ambiguous, so this is a lower
+      bound).
+    """
+    import csv
+
+    import torch
+
+    from mwm.data.io import load_model_input
+
+    captions = {r["image"]: r["caption"]
+                for r in csv.DictReader(open(data / "captions.csv", newline=""))}
+    with torch.no_grad():
+        feats = []
+        for i in range(0, len(rows), 64):
+            px = torch.stack([adapter.prepare(load_model_input(data / r["image"]))[0]
+                              for r in rows[i:i + 64]])
+            feats.append(adapter.encode_image(px).float())
+        f = torch.cat(feats)
+        labels = [r["label"] for r in rows]
+        names = [c for c in CLASS_PROMPTS if c in set(labels)]
+        t = adapter.encode_text([CLASS_PROMPTS[c] for c in names]).float()
+        pred = (f @ t.T).argmax(1).tolist()
+        acc = float(np.mean([names[k] == lab for k, lab in zip(pred, labels)]))
+        sim = (f @ adapter.encode_text([args.prompt, args.absent_prompt]).float().T).numpy()
+        hits = []
+        for i in range(0, len(rows) - 31, 32):
+            ct = adapter.encode_text([captions[r["image"]] for r in rows[i:i + 32]]).float()
+            hits += ((f[i:i + 32] @ ct.T).argmax(1) == torch.arange(32)).tolist()
+    y = np.array([lab != "none" for lab in labels])
+
+    def auc(score):
+        pos, neg = score[y], score[~y]
+        if not len(pos) or not len(neg):
+            return float("nan")
+        return float(((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum())
+                     / (len(pos) * len(neg)))
+
+    return {"auc_prompt": auc(sim[:, 0]), "auc_absent": auc(sim[:, 1]),
+            "class_accuracy": acc, "retrieval_top1": float(np.mean(hits)) if hits else float("nan"),
+            "n": len(rows)}
+
+
+def tune_m2ib(args, data: Path, adapter, config, post: dict):
+    """Grid-search M2IB on validation lesion images (``mwm.localize.tune``), not on test."""
+    from mwm.data.layouts import open_dataset
+    from mwm.localize.m2ib import saliency_maps
+    from mwm.localize.postprocess import PostprocessConfig
+    from mwm.localize.tune import default_grid, pick_validation, tune
+
+    val = [s for s in open_dataset(data).samples if s.split == "val" and s.label != "none"]
+    val = pick_validation(val, args.tune_images, args.seed)
+    val = [replace_prompt(s, args.prompt) for s in val]
+    t = time.perf_counter()
+    posts = [dict(post, method=m, threshold=th, rank=rank) for m, th, rank in POST_CANDIDATES
+             if (m, th, rank) != (post["method"], post["threshold"], post["rank"])
+             ] if args.tune_post else []
+    best, rows = tune(val, lambda im, pr, names, cfg: saliency_maps(adapter, im, pr, cfg, keys=names),
+                      config, PostprocessConfig(**post), Path(args.work) / "tune",
+                      depth=adapter.depth, progress=False,
+                      posts=[PostprocessConfig(**p) for p in posts] or None)
+    best_row = max(rows, key=lambda r: r["dice_mean"])
+    post = ([post] + posts)[best_row.get("postprocess", 0)]
+    grid = default_grid(adapter.depth)
+    print(f"M2IB tuned on {len(val)} validation images in {time.perf_counter() - t:.0f} s: "
+          f"layer {best.layer}, beta {best.beta}, noise_scale {best.noise_scale}, "
+          f"postprocess {post} (val DSC {best_row['dice_mean']:.3f})", flush=True)
+    return best, post, {"grid": {k: list(v) for k, v in grid.items()}, "rows": rows,
+                        "n_images": len(val), "val_dice": best_row["dice_mean"],
+                        "postprocess_candidates": [dict(post)] + posts if posts else None}
+
+
+def replace_prompt(sample, prompt: str):
+    from dataclasses import replace
+
+    return replace(sample, prompt=prompt)
 
 
 def figure(args, data: Path, rows, maps, absent_maps, preds, post) -> str | None:
@@ -275,6 +392,7 @@ def report(r: dict, argv) -> str:
         lines.append(f"| DSC / NSD, {c} | {_ms(v['dice'])} / {_ms(v['nsd'])} |")
     a = r["absent_prompt"]
     n = r["none_images"]
+    z = r["zero_shot"]
     lines += [
         f"| DSC with the absent prompt \"{a['prompt']}\" (same images) | {_ms(a['dice'])} |",
         f"| DSC drop, \"{s['prompt']}\" → \"{a['prompt']}\" | "
@@ -289,17 +407,30 @@ def report(r: dict, argv) -> str:
         f"{t['n_pairs']} pairs, {t['images_per_second']:.0f} images/s; budget "
         f"{s['budget']:.0f} s; stopped early: {t.get('stopped_early')}) |",
         f"| final training loss ({t['loss']}) | {t['final_loss']:.3f} |",
+        f"| zero-shot, test split (n={z['n']}): AUC lesion vs lesion-free with \"{s['prompt']}\" / "
+        f"with \"{a['prompt']}\" | {z['auc_prompt']:.3f} / {z['auc_absent']:.3f} |",
+        f"| zero-shot 4-class accuracy (chance 0.25) / image→caption top-1 in batches of 32 "
+        f"(chance 0.03) | {z['class_accuracy']:.3f} / {z['retrieval_top1']:.3f} |",
         "",
         "## Settings",
         "",
         f"* Data: `generate_phantoms(modality=\"brain-mri\", n={s['n']}, size={s['size']}, "
         f"seed={s['seed']})`; CLIP trained on the train split only, scored on the test split.",
-        f"* CLIP: `{s['model']}` with input {s['input_size']} px, arch {s['arch']}, "
+        f"* CLIP: `{s['model']}` with input {t['input_size']} px, arch overrides "
+        f"{s['arch'] or 'none (the preset)'}, negatives {s['negatives']}, "
         f"loss {s['loss']}, {s['epochs']} epochs planned, batch {s['batch_size']}, peak lr "
-        f"{s['lr']}, prompt_mix {s['prompt_mix']}; {t['parameters'] / 1e6:.1f} M parameters, "
+        f"{s['lr'] if s['lr'] is not None else s.get('lr_default')}, prompt_mix {s['prompt_mix']}; {t['parameters'] / 1e6:.1f} M parameters, "
         f"amp {t['amp']}, {s['threads']} torch thread(s). Patch grid "
         f"{r['grid'][0]}×{r['grid'][1]}.",
-        f"* M2IB: {r['m2ib']}.",
+        f"* M2IB: {r['m2ib']}"
+        + (f"; layer, beta and noise_scale tuned on {r['tuning']['n_images']} validation lesion "
+           f"images (`mwm.localize.tune`, grid {r['tuning']['grid']}, scored by DSC after "
+           "postprocessing"
+           + (", binarization (otsu / kmeans / threshold 0.5) and component ranking (area / "
+              "saliency mass) chosen at the same time"
+              if r["tuning"].get("postprocess_candidates") else "")
+           + f"; best validation DSC {r['tuning']['val_dice']:.3f})." if r.get("tuning")
+           else " (fixed)."),
         f"* Prompt \"{s['prompt']}\"; postprocess {r['postprocess']} (`mwm.localize.postprocess`).",
         f"* Metrics: `mwm.metrics.region_metrics` (DSC; NSD at 2 px).",
         f"* Machine: {r['machine']['cpus']} CPU cores, torch {r['machine']['torch']}; "

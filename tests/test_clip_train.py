@@ -296,3 +296,33 @@ def test_scratch_arch_options_and_csv_pairs(phantoms, tmp_path):
     assert s.n_pairs == 10 and s.input_size == 32
     model = open_clip.create_model("local-dir:" + str(tmp_path / "m"))
     assert model.visual.patch_size == (16, 16) and model.visual.image_size == (32, 32)
+
+
+def test_negative_groups_follow_labels():
+    from mwm.clip.data import CaptionPair
+    from mwm.clip.train import _same_group
+
+    data = [CaptionPair(f"{i}.png", c, lab) for i, (c, lab) in enumerate(
+        [("normal brain", "none"), ("unremarkable brain", "none"), ("glioma left", "glioma"),
+         ("glioma right", "glioma"), ("meningioma", "meningioma"), ("no label", None)])]
+    idx = list(range(len(data)))
+    normal = _same_group(data, idx, "normal", "cpu")
+    label = _same_group(data, idx, "label", "cpu")
+    # two lesion-free images are never negatives, whatever their wording
+    assert normal[0, 1] and normal[1, 0] and label[0, 1]
+    # findings of one class are negatives under "normal", not under "label"
+    assert not normal[2, 3] and label[2, 3] and label[3, 2]
+    assert not label[2, 4] and not label[0, 2]
+    # a pair without a label is only grouped with itself
+    assert not normal[5, 0] and not label[5, 5 - 1] and label[5, 5]
+    with pytest.raises(ValueError, match="negatives"):
+        train_clip("x", "y", negatives="nope")
+
+
+def test_scratch_pool_and_position_options():
+    net = build_model("scratch-micro", arch={"pool_type": "avg",
+                                             "pos_embed_type": "sin_cos_2d"})[0]
+    assert net.visual.pool_type == "avg"
+    assert not net.visual.positional_embedding.requires_grad
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_model("scratch-micro", arch={"pooling": "avg"})

@@ -164,3 +164,61 @@ def test_hf_clip_and_bf16_autocast(images):
     bf16 = saliency_maps(b, images[:1], "tumor", M2IBConfig(**{**cfg.to_dict(), "amp": True}))[0]
     assert np.isfinite(bf16).all() and bf16.max() == 1.0
     assert np.corrcoef(fp32.ravel(), bf16.ravel())[0, 1] > 0.5
+
+
+def test_tune_grid_layers_for_deep_and_shallow_models():
+    from mwm.localize.tune import default_grid
+
+    assert default_grid(12)["layer"] == (7, 8, 9)        # the published search
+    assert default_grid(3)["layer"] == (1, 2)            # shallow: the last two blocks
+    assert default_grid(1)["layer"] == (0,)
+
+
+def test_tune_scores_extra_postprocessing_on_the_same_maps(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from mwm.data.layouts import Sample, SliceRef
+    from mwm.localize.postprocess import PostprocessConfig
+    from mwm.localize.tune import tune
+
+    truth = np.zeros((16, 16), np.uint8)
+    truth[4:8, 4:8] = 255
+    Image.fromarray(truth).save(tmp_path / "m.png")
+    Image.fromarray(np.full((16, 16), 100, np.uint8)).save(tmp_path / "i.png")
+    sample = Sample(SliceRef(tmp_path / "i.png"), SliceRef(tmp_path / "m.png"), prompt="x")
+    calls = []
+
+    def saliency_fn(images, prompts, names, config):
+        calls.append(config.beta)
+        m = np.zeros((16, 16), np.float32)
+        m[3:9, 3:9] = 0.4          # a halo that a 0.5 threshold drops
+        m[4:8, 4:8] = 1.0
+        return [m]
+
+    best, rows = tune([sample], saliency_fn, M2IBConfig(), PostprocessConfig(method="threshold",
+                      threshold=0.3), tmp_path / "t", grid={"beta": (1.0, 2.0)},
+                      posts=[PostprocessConfig(method="threshold", threshold=0.5)],
+                      progress=False)
+    assert calls == [1.0, 2.0]                          # maps computed once per grid point
+    assert [r["postprocess"] for r in rows] == [0, 1, 0, 1]
+    assert rows[1]["dice_mean"] == 1.0 and rows[0]["dice_mean"] < 1.0
+    saved = json.loads((tmp_path / "t" / "tune_best.json").read_text())
+    assert saved["postprocess"]["threshold"] == 0.5 and best.beta == 1.0
+
+
+def test_top_k_can_rank_components_by_saliency_mass():
+    # postprocessing of M2IB maps: a small, very salient blob against a large faint one
+    from mwm.localize.postprocess import PostprocessConfig, postprocess
+
+    m = np.zeros((20, 20))
+    m[1:7, 1:7] = 0.35            # 36 px, mass 12.6
+    m[12:16, 12:16] = 1.0         # 16 px, mass 16
+    by_area = postprocess(m, method="threshold", threshold=0.3, top_k=1)
+    by_mass = postprocess(m, method="threshold", threshold=0.3, top_k=1, rank="mass")
+    assert by_area[2, 2] and not by_area[13, 13]
+    assert by_mass[13, 13] and not by_mass[2, 2]
+    assert PostprocessConfig.from_dict(PostprocessConfig(rank="mass").to_dict()).rank == "mass"
+    with pytest.raises(ValueError, match="rank"):
+        PostprocessConfig(rank="peak")

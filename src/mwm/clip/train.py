@@ -46,15 +46,26 @@ CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.csv"
 LOG_FIELDS = ("epoch", "loss", "lr", "seconds", "images_per_second")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
+#: Which pairs of a batch are not negatives, besides identical captions (see train_clip).
+NEGATIVES = ("caption", "normal", "label")
 
 #: Scratch architectures: an open_clip VisionTransformer (patch size and input size are
 #: free, unlike open_clip's timm adapter, which always builds the trunk at its
 #: registered 224 px) and open_clip's own causal text transformer with the bundled
 #: BPE tokenizer (vocabulary 49408), so no download is ever needed.
+#:
+#: ``scratch-tiny`` is the model that learned fastest on one CPU thread
+#: (``benchmarks/results/localization.md``): 64 px input with **4 px patches** (a 16x16
+#: grid, fine enough for small lesions), 3 narrow blocks, a one-layer text tower and
+#: **mean pooling** of the patch tokens (``pool_type="avg"``), so that the image embedding
+#: is an average of per-patch features and M2IB at the last block sees each patch's own
+#: contribution. Its InfoNCE loss leaves the chance plateau after 2-3 epochs; the earlier
+#: 128 px / patch 8 / 6-block preset had not left it after 10 CPU minutes.
 PRESETS: dict[str, dict[str, Any]] = {
-    "scratch-tiny": dict(input_size=128, patch_size=8, width=192, layers=6, head_width=64,
-                         mlp_ratio=4.0, text_width=256, text_layers=4, text_heads=4,
-                         context_length=64, embed_dim=256),
+    "scratch-tiny": dict(input_size=64, patch_size=4, width=96, layers=3, head_width=32,
+                         mlp_ratio=2.0, text_width=64, text_layers=1, text_heads=2,
+                         context_length=64, embed_dim=64, pool_type="avg",
+                         pos_embed_type="sin_cos_2d"),
     "scratch-small": dict(input_size=128, patch_size=8, width=256, layers=8, head_width=64,
                           mlp_ratio=4.0, text_width=256, text_layers=6, text_heads=4,
                           context_length=64, embed_dim=256),
@@ -63,6 +74,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                           mlp_ratio=2.0, text_width=64, text_layers=1, text_heads=2,
                           context_length=64, embed_dim=64),
 }
+#: Default peak learning rate per scratch preset (``lr=None``); 5e-4 for other scratch
+#: models, 1e-5 for fine-tuning.
+PRESET_LR: dict[str, float] = {"scratch-tiny": 2e-3, "scratch-micro": 2e-3}
+
+#: Optional architecture keys every preset accepts (their open_clip defaults).
+ARCH_DEFAULTS: dict[str, Any] = {"pool_type": "tok", "pos_embed_type": "learnable"}
 
 
 class ModelLoadError(ModelUnavailableError):
@@ -102,7 +119,7 @@ def scratch_config(preset: str = "scratch-tiny", **overrides: Any) -> dict:
     """open_clip ``model_cfg`` of a scratch preset; keys of :data:`PRESETS` override it."""
     if preset not in PRESETS:
         raise ValueError(f"unknown scratch preset {preset!r}; choose from {', '.join(PRESETS)}")
-    a = dict(PRESETS[preset])
+    a = {**ARCH_DEFAULTS, **PRESETS[preset]}
     unknown = set(overrides) - set(a)
     if unknown:
         raise ValueError(f"unknown architecture option(s) {', '.join(sorted(unknown))}; "
@@ -117,7 +134,11 @@ def scratch_config(preset: str = "scratch-tiny", **overrides: Any) -> dict:
         "embed_dim": int(a["embed_dim"]),
         "vision_cfg": {"image_size": int(a["input_size"]), "patch_size": int(a["patch_size"]),
                        "layers": int(a["layers"]), "width": int(a["width"]),
-                       "head_width": int(a["head_width"]), "mlp_ratio": float(a["mlp_ratio"])},
+                       "head_width": int(a["head_width"]), "mlp_ratio": float(a["mlp_ratio"]),
+                       **({"pool_type": str(a["pool_type"])} if a.get("pool_type", "tok") != "tok"
+                          else {}),
+                       **({"pos_embed_type": str(a["pos_embed_type"])}
+                          if a.get("pos_embed_type", "learnable") != "learnable" else {})},
         "text_cfg": {"context_length": int(a["context_length"]), "vocab_size": 49408,
                      "width": int(a["text_width"]), "heads": int(a["text_heads"]),
                      "layers": int(a["text_layers"])},
@@ -324,6 +345,7 @@ def train_clip(pairs: str | os.PathLike, out_dir: str | os.PathLike, *,
                tau: float | None = None, beta1: float = 0.15, beta2: float = 0.15,
                hflip: float = 0.5, min_scale: float = 0.8, jitter: float = 0.1,
                prompt_mix: float = 0.0, grad_clip: float | None = 1.0,
+               negatives: str = "normal",
                split: str = "train", resume: bool = True,
                time_limit: float | None = None, threads: int | None = None
                ) -> ClipTrainSummary:
@@ -338,7 +360,13 @@ def train_clip(pairs: str | os.PathLike, out_dir: str | os.PathLike, *,
     * ``loss``: ``infonce`` (learnable logit scale) or ``dhn-nce`` (``tau=None``: the
       model's learnable temperature; ``beta1``/``beta2`` hardness of image→text and
       text→image negatives). Identical captions in a batch are never negatives.
-    * ``lr``: peak learning rate (default 5e-4 from scratch, 1e-5 for fine-tuning);
+    * ``negatives``: which other pairs are not negatives either: ``"normal"`` (default)
+      two lesion-free pairs (a no-finding ``label`` such as ``none`` in ``labels.csv`` or
+      a ``label`` column), however their captions are worded — the image cannot tell
+      which of the "normal" sentences it was given; ``"label"`` any two pairs with the
+      same label (class-level targets); ``"caption"`` identical captions only.
+    * ``lr``: peak learning rate (default :data:`PRESET_LR` for ``scratch-tiny``/``-micro``
+      (2e-3), 5e-4 for other scratch models, 1e-5 for fine-tuning);
       AdamW, linear warm-up over ``warmup`` of the steps, cosine decay to 0.
     * ``amp``: ``auto`` (bf16 on CPU, bf16/fp16 on CUDA), ``bf16``, ``fp16``, ``none``.
     * ``prompt_mix``: probability that a pair whose manifest row has a ``prompt`` and a
@@ -362,6 +390,8 @@ def train_clip(pairs: str | os.PathLike, out_dir: str | os.PathLike, *,
     t_start = time.perf_counter()
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
     if epochs < 1 or batch_size < 2:
         raise ValueError("epochs must be >= 1 and batch_size >= 2 (contrastive losses need "
                          "negatives)")
@@ -381,13 +411,15 @@ def train_clip(pairs: str | os.PathLike, out_dir: str | os.PathLike, *,
     net, tokenizer, model_cfg, pre_cfg, kind = build_model(
         model, input_size=input_size, arch=arch, pretrained=pretrained, seed=seed)
     size = _image_size(model_cfg)
-    peak_lr = float(lr if lr is not None else (5e-4 if kind == "scratch" else 1e-5))
+    default_lr = PRESET_LR.get(model, 5e-4) if kind == "scratch" else 1e-5
+    peak_lr = float(lr if lr is not None else default_lr)
     settings = {
         "model": model, "model_cfg": model_cfg, "pretrained": pretrained, "loss": loss,
         "batch_size": int(batch_size), "lr": peak_lr, "weight_decay": float(weight_decay),
         "warmup": float(warmup), "seed": int(seed), "tau": tau, "beta1": float(beta1),
         "beta2": float(beta2), "hflip": float(hflip), "min_scale": float(min_scale),
         "jitter": float(jitter), "prompt_mix": float(prompt_mix), "grad_clip": grad_clip,
+        "negatives": negatives,
         "split": split, "n_pairs": len(data), "data_digest": _data_digest(data), "amp": amp_mode,
     }
 
@@ -447,6 +479,8 @@ def train_clip(pairs: str | os.PathLike, out_dir: str | os.PathLike, *,
             x = ((x - mean) / std).to(dev)
             tokens = tokenizer(caps).to(dev)
             same = same_caption_matrix(caps, dev)
+            if negatives != "caption":
+                same = same | _same_group(data, idx.tolist(), negatives, dev)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, peak_lr, warmup_steps)
             with torch.autocast(**autocast):
@@ -493,6 +527,28 @@ def train_clip(pairs: str | os.PathLike, out_dir: str | os.PathLike, *,
                             steps_per_epoch, log[-1]["loss"], time.perf_counter() - t_start,
                             seen / max(train_seconds, 1e-9), size, _count(net), amp_mode,
                             str(dev), log, stopped)
+
+
+def _same_group(data: list[CaptionPair], idx: list[int], negatives: str, device):
+    """``[i, j]`` = pairs ``i`` and ``j`` of the batch must not be each other's negatives.
+
+    ``"normal"``: both are lesion-free (a no-finding label such as ``none``), however
+    their captions are worded; ``"label"``: both carry the same label. Pairs without a
+    label are never grouped.
+    """
+    import torch
+
+    keys = []
+    for i in idx:
+        label = data[i].label
+        if label is None or (negatives == "normal" and is_finding(label)):
+            keys.append(None)
+        else:
+            keys.append("" if not is_finding(label) else label.strip().lower())
+    index: dict[str, int] = {}
+    ids = torch.tensor([-1 - n if k is None else index.setdefault(k, len(index))
+                        for n, k in enumerate(keys)], device=device)
+    return ids[:, None] == ids[None, :]
 
 
 def _count(net) -> int:

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from .crf import CRFParams
 
 BINARIZE_METHODS = ("threshold", "otsu", "kmeans")
+#: How ``top_k`` ranks components: by pixel count, or by saliency mass (sum of the map).
+RANKS = ("area", "mass")
 CONNECTIVITIES = (4, 8)
 Box = tuple[int, int, int, int]
 
@@ -205,12 +207,15 @@ def connected_components(mask: Any, connectivity: int = 8) -> Components:
     return Components(labels, ids.astype(np.int64), area, boxes)
 
 
-def keep_largest_components(mask: Any, k: int | None, connectivity: int = 8) -> np.ndarray:
+def keep_largest_components(mask: Any, k: int | None, connectivity: int = 8,
+                            weights: Any = None) -> np.ndarray:
     """Keep exactly the ``k`` largest connected components (all of them if fewer).
 
     Equal areas are broken by raster order of the components' first pixels (the
     component whose top-most, then left-most, pixel comes first wins). ``k`` None or
-    ``<= 0`` keeps every component.
+    ``<= 0`` keeps every component. With ``weights`` (an array of the mask's shape, e.g.
+    the saliency map), a component's size is the sum of its pixels' weights instead of
+    its area ("saliency mass").
     """
     mask = as_mask(mask)
     if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer))):
@@ -220,8 +225,15 @@ def keep_largest_components(mask: Any, k: int | None, connectivity: int = 8) -> 
     comps = connected_components(mask, connectivity)
     if len(comps) <= k:
         return mask.copy()
-    # stable sort by decreasing area keeps the raster order among equal areas
-    order = np.argsort(-comps.areas, kind="stable")[: int(k)]
+    size = comps.areas
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != mask.shape:
+            raise ValueError(f"weights have shape {w.shape}, the mask {mask.shape}")
+        size = np.bincount(comps.labels.ravel(), weights=w.ravel(),
+                           minlength=int(comps.labels.max()) + 1)[comps.ids]
+    # stable sort by decreasing size keeps the raster order among equal sizes
+    order = np.argsort(-size, kind="stable")[: int(k)]
     keep = np.zeros(int(comps.labels.max()) + 1, dtype=bool)
     keep[comps.ids[order]] = True
     return keep[comps.labels]
@@ -309,8 +321,11 @@ class PostprocessConfig:
     box_ratio: float | None = None
     crf: "CRFParams | None" = None
     connectivity: int = 8
+    rank: str = "area"
 
     def __post_init__(self) -> None:
+        if self.rank not in RANKS:
+            raise ValueError(f"rank must be one of {RANKS}, got {self.rank!r}")
         if self.method not in BINARIZE_METHODS:
             raise ValueError(f"method must be one of {BINARIZE_METHODS}, got {self.method!r}")
         if not 0.0 <= float(self.threshold) <= 1.0:
@@ -357,18 +372,21 @@ def _crf_params(crf: Any) -> "CRFParams | None":
 
 def postprocess(saliency: Any, *, method: str = "kmeans", threshold: float = 0.3,
                 top_k: int | None = None, fill: bool = True, box_ratio: float | None = None,
-                crf: Any = None, image: Any = None, connectivity: int = 8) -> np.ndarray:
+                crf: Any = None, image: Any = None, connectivity: int = 8,
+                rank: str = "area") -> np.ndarray:
     """Saliency map → bool region mask of the same size, in one call.
 
     Binarize (``method``, ``threshold``) — or, when ``crf`` is given (True, a
     :class:`~mwm.localize.crf.CRFParams` or a dict of its fields), refine with a dense CRF
     guided by ``image`` (uint8 RGB ``(H, W, 3)`` or gray ``(H, W)``) — then keep the
-    ``top_k`` largest components (None/0 = all), fill holes if ``fill``, and if
+    ``top_k`` largest components (None/0 = all; ``rank="mass"``: largest saliency
+    sum instead of largest area), fill holes if ``fill``, and if
     ``box_ratio`` is set replace the components by their boxes scaled by it.
     A constant map gives an empty mask.
     """
     config = PostprocessConfig(method=method, threshold=threshold, top_k=top_k, fill=fill,
-                               box_ratio=box_ratio, crf=crf, connectivity=connectivity)
+                               box_ratio=box_ratio, crf=crf, connectivity=connectivity,
+                               rank=rank)
     return config.apply(saliency, image)
 
 
@@ -387,7 +405,8 @@ def _pipeline(p: np.ndarray, config: PostprocessConfig,
             region = dense_crf(p, image, config.crf)
     else:
         region = binarize(p, config.method, config.threshold)
-    region = keep_largest_components(region, config.top_k, config.connectivity)
+    region = keep_largest_components(region, config.top_k, config.connectivity,
+                                     p if config.rank == "mass" else None)
     if config.fill:
         region = fill_holes(region)
     final = region

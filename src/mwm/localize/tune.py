@@ -28,8 +28,18 @@ from ..progress import progress as progress_bar
 from .postprocess import PostprocessConfig
 
 def default_grid(depth: int) -> dict[str, tuple]:
-    """beta x layer x noise_scale; layers 7, 8, 9 for a 12-block ViT (depth-5 .. depth-3)."""
-    layers = tuple(sorted({min(max(0, depth - k), depth - 1) for k in (5, 4, 3)}))
+    """beta x layer x noise_scale.
+
+    Layers: 7, 8, 9 for a 12-block ViT (depth-5 .. depth-3, the published search). A
+    shallow model (fewer than 6 blocks, such as the scratch presets of ``mwm clip train``)
+    has no such middle: its last two blocks are searched instead. With a mean-pooled ViT
+    the last block's output reaches the embedding token by token, so its map keeps every
+    token that carries the prompt (measured in ``benchmarks/results/localization.md``).
+    """
+    if depth >= 6:
+        layers = tuple(sorted({depth - k for k in (5, 4, 3)}))
+    else:
+        layers = tuple(sorted({max(0, depth - 2), depth - 1}))
     return {"beta": (0.1, 1.0, 2.0), "layer": layers, "noise_scale": (0.5, 1.0, 2.0)}
 
 
@@ -42,12 +52,18 @@ def pick_validation(samples: list[Sample], n_images: int, seed: int = 0) -> list
 
 def tune(samples: list[Sample], saliency_fn: Callable, base_config, post: PostprocessConfig,
          out_dir: str | Path, *, depth: int = 12, grid: dict[str, Sequence] | None = None,
-         progress: bool = True) -> tuple[object, list[dict]]:
+         progress: bool = True, posts: Sequence[PostprocessConfig] | None = None
+         ) -> tuple[object, list[dict]]:
     """Score every grid point; write ``tune_table.csv`` and ``tune_best.json``.
 
     ``saliency_fn(images, prompts, names, config) -> maps``; ``base_config`` is an
     ``M2IBConfig`` whose grid fields are replaced point by point. Returns the best
     config and the table rows (sorted as evaluated).
+
+    ``posts``: further postprocessing candidates. Each grid point's maps (computed once)
+    are then scored with ``post`` and with each of them; every row gets a
+    ``postprocess`` column (its index: 0 = ``post``, 1.. = ``posts``) and the best row
+    names the postprocessing to use with the best config (also in ``tune_best.json``).
     """
     grid = grid or default_grid(depth)
     images, prompts, truths = [], [], []
@@ -58,20 +74,26 @@ def tune(samples: list[Sample], saliency_fn: Callable, base_config, post: Postpr
         truths.append(read_mask(sample.mask, shape=image.shape))
     keys = list(grid)
     points = list(itertools.product(*(grid[k] for k in keys)))
+    candidates = [post, *(posts or ())]
+    extra = ["postprocess"] if posts else []
     rows = []
     for values in progress_bar(points, total=len(points), desc="tune", unit="combo",
                                enabled=progress):
         config = replace(base_config, **dict(zip(keys, values)))
         maps = saliency_fn(images, prompts, [s.name for s in samples], config)
-        scores = [dice(post.apply(m), t) for m, t in zip(maps, truths)]
-        rows.append({**dict(zip(keys, values)), "dice_mean": float(np.mean(scores)),
-                     "dice_std": float(np.std(scores)), "n_images": len(scores)})
+        for index, candidate in enumerate(candidates):
+            scores = [dice(candidate.apply(m), t) for m, t in zip(maps, truths)]
+            rows.append({**dict(zip(keys, values)), **({"postprocess": index} if posts else {}),
+                         "dice_mean": float(np.mean(scores)), "dice_std": float(np.std(scores)),
+                         "n_images": len(scores)})
     best_row = max(rows, key=lambda r: r["dice_mean"])  # first maximum on ties
     best = replace(base_config, **{k: best_row[k] for k in keys})
     out_dir = Path(out_dir)
-    write_csv(out_dir / "tune_table.csv", rows, [*keys, "dice_mean", "dice_std", "n_images"])
+    write_csv(out_dir / "tune_table.csv", rows,
+              [*keys, *extra, "dice_mean", "dice_std", "n_images"])
     write_json(out_dir / "tune_best.json", {"best": {k: best_row[k] for k in keys},
                                             "dice_mean": best_row["dice_mean"],
-                                            "postprocess": post.to_dict(),
+                                            "postprocess": candidates[
+                                                best_row.get("postprocess", 0)].to_dict(),
                                             "images": [s.name for s in samples]})
     return best, rows
