@@ -395,8 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, help="number of phantom images (default: 400; quick: 64)")
     p.add_argument("--size", type=int, help="image side in pixels (default: 128; quick: 96)")
     p.add_argument("--clip-seconds", type=float,
-                   help="time budget of the CLIP training (default: 120 s; quick: 20 s)")
-    p.add_argument("--clip-epochs", type=int, help="CLIP epochs at most (default: 14; quick: 3)")
+                   help="time budget of the CLIP training (default: 180 s; quick: 30 s)")
+    p.add_argument("--clip-epochs", type=int, help="CLIP epochs at most (default: 12; quick: 3)")
     p.add_argument("--pretrain-epochs", type=int,
                    help="pretraining epochs per strategy (default: 8; quick: 2)")
     p.add_argument("--probe-epochs", type=int, help="linear-probe epochs (default: 20; quick: 10)")

@@ -27,7 +27,7 @@ from .experiment import parse_experiment, run_experiment
 from .runlog import RunManifest
 
 # (default, --quick): default fits 15 minutes on a 2-core CPU, quick 3 minutes.
-SIZES = {"n": (400, 64), "size": (128, 96), "clip_seconds": (120.0, 20.0), "clip_epochs": (14, 3),
+SIZES = {"n": (400, 64), "size": (128, 96), "clip_seconds": (180.0, 30.0), "clip_epochs": (12, 3),
          "pretrain_epochs": (8, 2), "probe_epochs": (20, 10)}
 
 
