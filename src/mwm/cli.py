@@ -143,7 +143,8 @@ def cmd_clip(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, lr=args.lr, input_size=args.input_size,
                              pretrained=args.pretrained, seed=args.seed, device=args.device,
                              workers=args.workers, amp=args.amp, progress=not args.quiet,
-                             prompt_mix=args.prompt_mix, resume=not args.no_resume,
+                             prompt_mix=args.prompt_mix, negatives=args.negatives,
+                             resume=not args.no_resume,
                              time_limit=args.time_limit)
         run.add(final_loss=summary.final_loss, steps=summary.steps, seconds=summary.seconds,
                 images_per_second=summary.images_per_second, parameters=summary.parameters)
@@ -213,7 +214,7 @@ def cmd_postprocess(args: argparse.Namespace) -> int:
     if args.crf:
         crf = {"iterations": args.crf_iterations}
     config = PostprocessConfig(method=args.method, threshold=args.threshold,
-                               top_k=args.top_k or None, fill=not args.no_fill,
+                               top_k=args.top_k or None, rank=args.rank, fill=not args.no_fill,
                                box_ratio=args.box_ratio, crf=crf)
     with RunManifest(out, "postprocess", _config_of(args)) as run:
         summary = postprocess_folder(args.saliency, out, config, images_dir=args.images,
@@ -456,13 +457,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "open_clip name with --pretrained TAG, hf-hub:ORG/REPO, or a model folder")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag to fine-tune")
     p.add_argument("--loss", choices=("infonce", "dhn-nce"), default="infonce")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default per model)")
     p.add_argument("--input-size", type=int, default=None, help="pixels (default per model)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto")
-    p.add_argument("--prompt-mix", type=float, default=0.0, help="fraction of lesion images "
-                   "whose caption is replaced by the short prompt (phantoms)")
+    p.add_argument("--prompt-mix", type=float, default=0.2, help="fraction of lesion images "
+                   "whose caption is replaced by the short prompt (phantoms; default 0.2, so the "
+                   "model learns the words a prompt uses)")
+    p.add_argument("--negatives", choices=("normal", "label", "caption"), default="normal",
+                   help="pairs that are not negatives besides identical captions: 'normal' "
+                   "(lesion-free images among themselves; default), 'label' (same class), "
+                   "'caption' (only identical captions)")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many "
                    "seconds (at an epoch end; a re-run continues)")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
@@ -478,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for --method threshold: foreground where saliency > T (default 0.3)")
     p.add_argument("--top-k", type=int, default=0,
                    help="keep the K largest connected components (default 0 = all)")
+    p.add_argument("--rank", choices=("area", "mass"), default="area",
+                   help="how --top-k ranks components: pixel count (default) or saliency mass")
     p.add_argument("--no-fill", action="store_true", help="do not fill holes")
     p.add_argument("--box-ratio", type=float, default=None,
                    help="replace each component by its box scaled by R about its centre")
