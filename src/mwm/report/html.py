@@ -92,7 +92,7 @@ def render_report(run_dir: Path) -> str:
             f"{html.escape(str(manifest.get('status', '?')))} · started "
             f"{html.escape(str(manifest.get('start_time', '?')))} · mwm "
             f"{html.escape(str(manifest.get('mwm_version', '?')))} · commit "
-            f"{html.escape(str(manifest.get('git_commit')))}")
+            f"{html.escape(str(manifest.get('git_commit') or 'unknown (not run from a git checkout)'))}")
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{STYLE}</style>"
             f"<script>{LOAD_CHECK}</script></head>\n<body><h1>{html.escape(title)}</h1>"
