@@ -329,12 +329,8 @@ def load_weights(model: nn.Module, state: dict, *, source: str = "weights",
     ignored = [k for k in state if k in head and not (keep_head and k in own
                                                       and own[k].shape == state[k].shape)]
     state = {k: v for k, v in state.items() if k not in ignored}
-    missing = [k for k in own if k not in state and k not in head]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} {tuple(state[k].shape)}≠{tuple(own[k].shape)}" for k in state
-                  if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        parts = key_problems(missing, unexpected, mismatched)
+    parts = key_problems(own, state, may_miss=head.__contains__)
+    if parts:
         arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
         raise DataError(f"{source}: the weights do not match the encoder {arch!r} — "
                         + "; ".join(parts) + ". Only the classifier head may differ; pass "

@@ -246,12 +246,9 @@ def load_into_backbone(body: torch.nn.Module, state: Mapping[str, torch.Tensor],
     """
     mapped = timm_to_torchvision(state)
     own = body.state_dict()
-    missing = [k for k in own if k not in mapped and not k.endswith(_BN_BUFFER)]
-    unexpected = [k for k in mapped if k not in own and not k.endswith(_BN_BUFFER)]
-    mismatched = [f"{k} {tuple(mapped[k].shape)}≠{tuple(own[k].shape)}" for k in mapped
-                  if k in own and tuple(mapped[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        parts = key_problems(missing, unexpected, mismatched)
+    counter = lambda key: key.endswith(_BN_BUFFER)  # noqa: E731 - zeroed when absent
+    parts = key_problems(own, mapped, may_miss=counter, may_add=counter)
+    if parts:
         raise DataError(f"{source} do not fit the detection backbone — " + "; ".join(parts)
                         + ". Check that --model matches the architecture the weights were "
                         "pretrained with.")

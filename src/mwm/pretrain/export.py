@@ -117,8 +117,18 @@ def _list(keys, limit: int = 12) -> str:
     return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def key_problems(missing, unexpected, mismatched) -> list[str]:
-    """Readable parts of a state-dict mismatch message (shared by every strict loader)."""
+def key_problems(own: dict, state: dict, *, may_miss=lambda key: False,
+                 may_add=lambda key: False) -> list[str]:
+    """Readable parts of a state-dict mismatch message; [] when ``state`` fits ``own``.
+
+    Shared by every strict loader. ``may_miss(key)``: keys of ``own`` that ``state`` may
+    lack (a classifier head, BatchNorm counters); ``may_add(key)``: keys of ``state`` that
+    ``own`` may lack.
+    """
+    missing = [k for k in own if k not in state and not may_miss(k)]
+    unexpected = [k for k in state if k not in own and not may_add(k)]
+    mismatched = [f"{k} {tuple(state[k].shape)}≠{tuple(own[k].shape)}" for k in state
+                  if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
     parts = []
     for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                         ("shape mismatches", mismatched)):
@@ -150,13 +160,8 @@ def load_encoder(path: str | os.PathLike, arch: str | None = None, num_classes: 
         raise DataError(f"{path}: cannot create timm model {arch!r} ({err}).") from err
     state = load_file(os.fspath(path))
     own = model.state_dict()
-    head = _classifier_keys(model)
-    missing = [k for k in own if k not in state and k not in head]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} {tuple(state[k].shape)}≠{tuple(own[k].shape)}" for k in state
-                  if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        parts = key_problems(missing, unexpected, mismatched)
+    parts = key_problems(own, state, may_miss=_classifier_keys(model).__contains__)
+    if parts:
         hint = (f" The file was exported for {saved_arch!r}." if saved_arch and saved_arch != arch
                 else "")
         raise DataError(f"{path}: the weights do not match timm model {arch!r} — "
