@@ -33,7 +33,7 @@ def accuracy_vs_ratio_png(results: dict) -> bytes:
     """
     plt = _pyplot()
     evals = results["evaluations"]
-    fig, axes = plt.subplots(1, len(evals), figsize=(5.5 * len(evals), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(evals), figsize=(7.5 * len(evals), 4.2), squeeze=False)
     for ax, e in zip(axes[0], evals):
         for row in results["strategies"]:
             mean, std = row[f"{e}_mean"], row[f"{e}_std"]
@@ -49,7 +49,7 @@ def accuracy_vs_ratio_png(results: dict) -> bytes:
         ax.set_ylabel(f"{e} accuracy")
         ax.set_title(f"{results['name']}: {e}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # off the points
     fig.tight_layout()
     return _png(fig)
 
