@@ -147,7 +147,7 @@ def _localization_section(run_dir: Path) -> str:
 def _localization_figure(run_dir: Path, row: dict) -> str:
     import cv2
 
-    from ..data.io import read_mask
+    from ..data.io import load_model_input, read_mask
     from .contact_sheet import Tile, render_tile
 
     name = row["name"]
@@ -155,7 +155,8 @@ def _localization_figure(run_dir: Path, row: dict) -> str:
     saliency_path = run_dir / "saliency" / f"{name}.png"
     if image_path is None or not saliency_path.is_file():
         return ""
-    gray = cv2.imread(str(image_path), cv2.IMREAD_GRAYSCALE)
+    # the project's reader and normalization, so 16-bit images display as the model saw them
+    gray = (load_model_input(image_path)[0] * 255).round().astype(np.uint8)
     truth = read_mask(run_dir / "localization" / "gt" / f"{name}.png", shape=gray.shape)
     region_path = run_dir / "regions" / f"{name}.png"
     region = [read_mask(region_path, shape=gray.shape)] if region_path.is_file() else []
