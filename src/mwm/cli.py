@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
              "phantoms, CLIP, localization, random vs region-aware pretraining, probes, report")
     add_out(p, default="mwm-demo")
     p.add_argument("--quick", action="store_true",
-                   help="a smaller run (under 3 minutes on 2 CPU cores; default: about 10-15)")
+                   help="a smaller run (under a minute on 2 idle CPU cores; default: about 4)")
     p.add_argument("--modality", choices=MODALITIES, default="brain-mri")
     p.add_argument("--n", type=int, help="number of phantom images (default: 400; quick: 64)")
     p.add_argument("--size", type=int, help="image side in pixels (default: 128; quick: 96)")
