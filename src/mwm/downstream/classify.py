@@ -92,6 +92,7 @@ from ..data.layouts import Sample, open_dataset
 from .. import checkpoint
 from ..files import write_json, write_text
 from ..progress import progress as progress_bar
+from ..pretrain.data import Augment, SeededImages, crop_box, pixel_stats, resize_image
 from ..utils import AMP_CHOICES, backward_step, resolve_amp
 from .classify_metrics import (classification_metrics, write_confusion_csv,
                                write_confusion_png)
@@ -157,64 +158,36 @@ class FinetuneConfig:
 
 # --------------------------------------------------------------------------- data
 
-class ClassifyDataset(torch.utils.data.Dataset):
+class ClassifyDataset(SeededImages):
     """Labelled samples → ``(image_3ss float32 standardized, class index)``."""
 
     def __init__(self, samples: list[Sample], class_index: dict[str, int], input_size: int, *,
                  mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), augment: bool = False,
                  seed: int = 0):
-        self.samples = samples
+        super().__init__(samples, input_size, mean=mean, std=std, seed=seed)
         self.targets = [class_index[s.label] for s in samples]
-        self.input_size = input_size
-        self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
-        self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
         self.augment = augment
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def load(self, index: int) -> np.ndarray:
         """(H, W, 3) float32 in [0, 1], not resized."""
         return to_model_input(read_slice(self.samples[index].image)).transpose(1, 2, 0)
 
-    def resized(self, image_hwc: np.ndarray) -> np.ndarray:
-        import cv2
-
-        size = self.input_size
-        interp = cv2.INTER_AREA if max(image_hwc.shape[:2]) > size else cv2.INTER_LINEAR
-        out = cv2.resize(np.ascontiguousarray(image_hwc), (size, size), interpolation=interp)
-        return out[..., None] if out.ndim == 2 else out
-
     def __getitem__(self, index: int):
         image = self.load(index)
         if self.augment:
-            from ..pretrain.data import Augment, crop_box
-
-            rng = np.random.default_rng([self.seed, self.epoch, index])
+            rng = self.rng(index)
             top, left, h, w = crop_box(image.shape[0], image.shape[1], Augment(), rng)
             image = image[top:top + h, left:left + w]
             if rng.random() < 0.5:
                 image = image[:, ::-1]
-        chw = (self.resized(image).transpose(2, 0, 1) - self.mean) / self.std
-        return torch.from_numpy(np.ascontiguousarray(chw, dtype=np.float32)), self.targets[index]
+        return self.standardized(resize_image(image, self.input_size)), self.targets[index]
 
 
 def train_stats(dataset: ClassifyDataset) -> tuple[list[float], list[float]]:
     """Per-channel mean/std over all pixels of the resized train images (one pass)."""
-    total, total_sq, count = np.zeros(3), np.zeros(3), 0
-    for index in range(len(dataset)):
-        flat = dataset.resized(dataset.load(index)).reshape(-1, 3).astype(np.float64)
-        total += flat.sum(0)
-        total_sq += (flat ** 2).sum(0)
-        count += flat.shape[0]
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 1e-12))
-    return [float(v) for v in mean], [float(v) for v in std]
+    mean, std = pixel_stats(resize_image(dataset.load(i), dataset.input_size)
+                            for i in range(len(dataset)))
+    return list(mean), list(std)
 
 
 def split_samples(cfg: FinetuneConfig):

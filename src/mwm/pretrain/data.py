@@ -58,18 +58,27 @@ def crop_box(height: int, width: int, aug: Augment, rng: np.random.Generator) ->
     return 0, 0, height, width
 
 
+def _interpolation(shape: tuple[int, ...], size: int) -> int:
+    return cv2.INTER_AREA if max(shape[:2]) > size else cv2.INTER_LINEAR
+
+
+def resize_image(image_hwc: np.ndarray, size: int) -> np.ndarray:
+    """Resize an (H, W, C) image to ``size`` x ``size`` (area when shrinking, else linear)."""
+    image = cv2.resize(np.ascontiguousarray(image_hwc), (size, size),
+                       interpolation=_interpolation(image_hwc.shape, size))
+    return image[..., None] if image.ndim == 2 else image
+
+
 def square_resize(image_hwc: np.ndarray, region_hw: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resize image (area/linear) and region to ``size`` x ``size``.
+    """Resize image (:func:`resize_image`) and region to ``size`` x ``size``.
 
     A bool region is resized with nearest neighbour (it stays binary); a float saliency
     map with the image's interpolation (it stays continuous).
     """
-    interp = cv2.INTER_AREA if max(image_hwc.shape[:2]) > size else cv2.INTER_LINEAR
-    image = cv2.resize(image_hwc, (size, size), interpolation=interp)
-    if image.ndim == 2:
-        image = image[..., None]
+    image = resize_image(image_hwc, size)
     if region_hw.dtype != bool:
-        return image, cv2.resize(region_hw.astype(np.float32), (size, size), interpolation=interp)
+        return image, cv2.resize(region_hw.astype(np.float32), (size, size),
+                                 interpolation=_interpolation(image_hwc.shape, size))
     region = cv2.resize(region_hw.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
     return image, region.astype(bool)
 
@@ -84,7 +93,51 @@ def read_saliency(ref, shape: tuple[int, int]) -> np.ndarray:
     return saliency.astype(np.float32)
 
 
-class RegionImageDataset(Dataset):
+class SeededImages(Dataset):
+    """What every MWM image dataset shares: its samples, a square input size, the
+    standardization, and randomness seeded by ``(seed, epoch, index)`` (so an item is the
+    same in any worker and after a resume)."""
+
+    def __init__(self, samples: list[Sample], input_size: int, *,
+                 mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.25, 0.25, 0.25),
+                 seed: int = 0):
+        self.samples = samples
+        self.input_size = input_size
+        self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def standardized(self, image_hwc: np.ndarray) -> torch.Tensor:
+        """A resized (S, S, 3) image in [0, 1] → standardized (3, S, S) float32 tensor."""
+        image_chw = (image_hwc.transpose(2, 0, 1) - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(image_chw, dtype=np.float32))
+
+
+def pixel_stats(images_hwc) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std over all pixels of the (resized) images: the true pooled
+    statistics, not the mean of per-image ones."""
+    total, total_sq, count = np.zeros(3), np.zeros(3), 0
+    for image_hwc in images_hwc:
+        flat = image_hwc.reshape(-1, 3).astype(np.float64)
+        total += flat.sum(0)
+        total_sq += (flat ** 2).sum(0)
+        count += flat.shape[0]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 1e-12))
+    return tuple(float(m) for m in mean), tuple(float(v) for v in std)
+
+
+class RegionImageDataset(SeededImages):
     """Samples (with optional region masks) → ``(image_3ss float, region_ss bool)``.
 
     A sample without a mask gets an empty region (the sampler's documented fallback).
@@ -97,20 +150,9 @@ class RegionImageDataset(Dataset):
                  seed: int = 0, continuous: bool = False):
         if not samples:
             raise DataError("no images to pretrain on")
-        self.samples = samples
-        self.input_size = input_size
+        super().__init__(samples, input_size, mean=mean, std=std, seed=seed)
         self.augment = augment
-        self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
-        self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
-        self.seed = seed
         self.continuous = continuous
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Image (H, W, 3) float in [0, 1] and region (H, W) bool (float if continuous)."""
@@ -126,7 +168,7 @@ class RegionImageDataset(Dataset):
         return pixels_chw.transpose(1, 2, 0), region
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = self.rng(index)
         image_hwc, region_hw = self.load(index)
         top, left, h, w = crop_box(*region_hw.shape, self.augment, rng)
         image_hwc = image_hwc[top:top + h, left:left + w]
@@ -135,9 +177,7 @@ class RegionImageDataset(Dataset):
             image_hwc, region_hw = image_hwc[:, ::-1], region_hw[:, ::-1]
         image_hwc, region_hw = square_resize(np.ascontiguousarray(image_hwc),
                                              np.ascontiguousarray(region_hw), self.input_size)
-        image_chw = (image_hwc.transpose(2, 0, 1) - self.mean) / self.std
-        return torch.from_numpy(np.ascontiguousarray(image_chw, dtype=np.float32)), \
-            torch.from_numpy(region_hw)
+        return self.standardized(image_hwc), torch.from_numpy(region_hw)
 
 
 def dataset_stats(dataset: RegionImageDataset, max_images: int = 1000,
@@ -145,16 +185,5 @@ def dataset_stats(dataset: RegionImageDataset, max_images: int = 1000,
     """Per-channel mean and std over all pixels of up to ``max_images`` resized images."""
     n = len(dataset)
     order = np.random.default_rng(seed).permutation(n)[:max_images] if n > max_images else range(n)
-    total = np.zeros(3)
-    total_sq = np.zeros(3)
-    count = 0
-    for index in order:
-        image_hwc, region_hw = dataset.load(int(index))
-        image_hwc, _ = square_resize(image_hwc, region_hw, dataset.input_size)
-        flat = image_hwc.reshape(-1, 3).astype(np.float64)
-        total += flat.sum(0)
-        total_sq += (flat ** 2).sum(0)
-        count += flat.shape[0]
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 1e-12))
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    return pixel_stats(resize_image(dataset.load(int(index))[0], dataset.input_size)
+                       for index in order)
