@@ -39,5 +39,16 @@ def find(path: str | Path, name: str) -> Path:
     return path
 
 
+def resume_path(resume: str | None, out: str | Path, name: str) -> Path | None:
+    """What ``--resume`` points at: None (fresh run), ``auto`` = this run's own checkpoint
+    if there is one, else a path that must exist (:func:`find`)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        candidate = Path(out) / name
+        return candidate if candidate.is_file() else None
+    return find(resume, name)
+
+
 def load(path: str | Path, name: str) -> dict:
     return torch.load(find(path, name), map_location="cpu", weights_only=True)

@@ -410,18 +410,9 @@ def _dtype_name(dtype: torch.dtype | None) -> str:
     return str(dtype).replace("torch.", "") if dtype is not None else "float32"
 
 
-def _resume_path(cfg: DetectConfig) -> Path | None:
-    if cfg.resume is None:
-        return None
-    if cfg.resume == "auto":
-        candidate = Path(cfg.out) / CHECKPOINT_NAME
-        return candidate if candidate.is_file() else None
-    return checkpoint_io.find(cfg.resume, CHECKPOINT_NAME)
-
-
 def _load_resume(cfg: DetectConfig) -> dict | None:
     """The checkpoint to continue from (``None`` for a fresh run); refuses changed settings."""
-    resume = _resume_path(cfg)
+    resume = checkpoint_io.resume_path(cfg.resume, cfg.out, CHECKPOINT_NAME)
     if resume is None:
         return None
     checkpoint = torch.load(resume, map_location="cpu", weights_only=True)

@@ -187,12 +187,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def resume_path(cfg: PretrainConfig) -> Path | None:
     """``--resume auto`` = this run's own checkpoint if present; a path must exist."""
-    if cfg.resume is None:
-        return None
-    if cfg.resume == "auto":
-        candidate = Path(cfg.out) / CHECKPOINT_NAME
-        return candidate if candidate.is_file() else None
-    return Path(cfg.resume)
+    return checkpoint.resume_path(cfg.resume, cfg.out, CHECKPOINT_NAME)
 
 
 # --------------------------------------------------------------------------- loop
