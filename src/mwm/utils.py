@@ -81,3 +81,20 @@ def backward_step(loss: "torch.Tensor", optimizer, scaler=None) -> None:  # noqa
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
+
+
+def end_distributed(finished: bool) -> None:
+    """Leave the process group. After a finished run, a barrier first, so no rank tears its
+    gloo/NCCL connections down while another still uses them (seen as a SIGABRT,
+    "terminate called without an active exception", at the end of a 2-process CPU run).
+    After an error, no barrier: the other ranks may never arrive, and torchrun must see
+    this rank fail."""
+    import torch.distributed as torch_dist
+
+    if not torch_dist.is_initialized():
+        return
+    try:
+        if finished:
+            torch_dist.barrier()
+    finally:
+        torch_dist.destroy_process_group()

@@ -93,7 +93,7 @@ from .. import checkpoint
 from ..files import write_json, write_text
 from ..progress import progress as progress_bar
 from ..pretrain.data import Augment, SeededImages, crop_box, pixel_stats, resize_image
-from ..utils import AMP_CHOICES, backward_step, resolve_amp
+from ..utils import AMP_CHOICES, backward_step, end_distributed, resolve_amp
 from .classify_metrics import (classification_metrics, write_confusion_csv,
                                write_confusion_png)
 
@@ -862,13 +862,15 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     See the module docstring for data, weights, modes, outputs and resume.
     """
-    runner = Finetuner(cfg)
+    runner, finished = Finetuner(cfg), False
     try:
         if cfg.eval_only:
-            return runner.run_eval()
-        if cfg.mode == "linear":
-            return runner.run_linear()
-        return runner.run_finetune()
+            summary = runner.run_eval()
+        elif cfg.mode == "linear":
+            summary = runner.run_linear()
+        else:
+            summary = runner.run_finetune()
+        finished = True
+        return summary
     finally:
-        if torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+        end_distributed(finished)

@@ -37,7 +37,7 @@ from .. import checkpoint
 from ..files import write_text
 from ..masking import budget_masks, random_masks, region_masks
 from ..progress import progress as progress_bar
-from ..utils import AMP_CHOICES, resolve_amp
+from ..utils import AMP_CHOICES, end_distributed, resolve_amp
 from .data import Augment, RegionImageDataset, dataset_stats
 from .optim import apply_schedule, build_optimizer, lr_at, peak_lr, wd_at
 
@@ -458,9 +458,10 @@ class Trainer:
 
 def pretrain(cfg: PretrainConfig) -> PretrainSummary:
     """Run (or resume) a pretraining job; see :class:`PretrainConfig`."""
-    trainer = Trainer(cfg)
+    trainer, finished = Trainer(cfg), False
     try:
-        return trainer.run()
+        summary = trainer.run()
+        finished = True
+        return summary
     finally:
-        if torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+        end_distributed(finished)
