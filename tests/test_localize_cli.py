@@ -72,3 +72,27 @@ def test_offline_default_model_is_a_clear_error(setup, capsys):
     assert main(["localize", str(ph / "images"), "--prompt", "x", "--out", str(root / "off"),
                  "--quiet"]) == 2
     assert "local cache" in capsys.readouterr().err
+
+
+def test_shifts_smooth_and_anchored_crf_from_the_command_line(setup, capsys):
+    pytest.importorskip("pydensecrf.densecrf", reason="the crf extra (pydensecrf2) is not installed")
+    root, ph, model = setup
+    sal = root / "sal_shift"
+    assert main(["localize", str(ph / "images"), "--prompt", "brain tumor", "--out", str(sal),
+                 "--model", model, *FAST]) == 0
+    plain = cv2.imread(str(sal / "brain-mri_00000.png"), cv2.IMREAD_UNCHANGED)
+    capsys.readouterr()
+    # new shift/smooth settings: the maps are stale and recomputed, and they differ
+    assert main(["localize", str(ph / "images"), "--prompt", "brain tumor", "--out", str(sal),
+                 "--model", model, "--shifts", "2", "--smooth", "0.3", *FAST]) == 0
+    assert "6 saliency maps written" in capsys.readouterr().out
+    shifted = cv2.imread(str(sal / "brain-mri_00000.png"), cv2.IMREAD_UNCHANGED)
+    assert shifted.shape == plain.shape and (shifted != plain).any()
+    saved = json.loads((sal / "m2ib_config.json").read_text())
+    assert saved["shifts"] == 2 and saved["smooth"] == 0.3
+    assert main(["postprocess", str(sal), "--out", str(root / "reg_crf"), "--method", "kmeans",
+                 "--crf", "--crf-anchor", "binarization", "--images", str(ph / "images"),
+                 "--top-k", "1", "--quiet"]) == 0
+    config = json.loads((root / "reg_crf" / "postprocess_config.json").read_text())
+    assert config["crf"]["anchor"] == "binarization"
+    assert len(list((root / "reg_crf").glob("brain-mri_*.png"))) == 6

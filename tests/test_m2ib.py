@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -222,3 +223,89 @@ def test_top_k_can_rank_components_by_saliency_mass():
     assert PostprocessConfig.from_dict(PostprocessConfig(rank="mass").to_dict()).rank == "mass"
     with pytest.raises(ValueError, match="rank"):
         PostprocessConfig(rank="peak")
+
+
+# --------------------------------------------------------------------------- shifts, smooth
+
+def test_patch_offsets_and_shift_image():
+    from mwm.localize.m2ib import patch_offsets, shift_image
+
+    assert patch_offsets(16, 1) == [0]
+    assert patch_offsets(16, 3) == [-5, 0, 5]
+    assert patch_offsets(4, 3) == [-1, 0, 1]
+    assert patch_offsets(16, 2) == [-4, 4]
+    x = torch.arange(16.0).view(1, 4, 4)
+    moved = shift_image(x, 1, -2, -1.0)
+    assert moved[0, 0].tolist() == [-1, -1, -1, -1]            # the vacated top row
+    assert moved[0, 1].tolist() == [2, 3, -1, -1]               # row 0 moved down, 2 left
+    back = shift_image(moved, -1, 2, 0.0)
+    assert torch.equal(back[0, :3, 2:], x[0, :3, 2:])           # what stayed inside returns
+
+
+def test_gaussian_blur_keeps_constants_and_mass():
+    from mwm.localize.m2ib import gaussian_blur
+
+    flat = torch.full((1, 20, 20), 0.7)
+    torch.testing.assert_close(gaussian_blur(flat, 2.0), flat)
+    spike = torch.zeros(1, 21, 21)
+    spike[0, 10, 10] = 1.0
+    blurred = gaussian_blur(spike, 1.5)
+    assert abs(float(blurred.sum()) - 1.0) < 1e-5 and blurred[0, 10, 10] < 0.1
+    assert torch.allclose(blurred[0], blurred[0].T)             # isotropic
+
+
+def test_shifts_and_smooth_batch_equals_one_at_a_time(adapter, images):
+    cfg = M2IBConfig(**FAST, shifts=2, smooth=0.5, batch_size=8)
+    together = saliency_maps(adapter, images, "brain tumor", cfg, keys=["a", "b", "c"])
+    alone = [saliency_maps(adapter, [im], "brain tumor", M2IBConfig(**{**cfg.to_dict(),
+                                                                       "batch_size": 1}),
+                           keys=[k])[0] for im, k in zip(images, "abc")]
+    for t, a, im in zip(together, alone, images):
+        assert t.shape == im.shape[1:] and t.min() == 0.0 and t.max() == 1.0
+        np.testing.assert_allclose(t, a, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", [{"shifts": 2}, {"shifts": 3}, {"smooth": 0.5}])
+def test_shifts_and_smooth_change_the_map(adapter, images, change):
+    base = saliency_maps(adapter, images[:1], "brain tumor", M2IBConfig(**FAST))[0]
+    changed = saliency_maps(adapter, images[:1], "brain tumor", M2IBConfig(**{**FAST, **change}))[0]
+    assert np.abs(base - changed).max() > 1e-3, change
+
+
+def test_shift_averaging_places_a_point_at_its_pixel(monkeypatch):
+    # With an "information" that is the mean intensity of each 3-px patch, one grid puts
+    # a bright pixel at its patch's centre; the average over the 3 x 3 shifted grids,
+    # each shifted back, peaks at the pixel itself, wherever it sits in its patch.
+    from types import SimpleNamespace
+
+    from mwm.localize import m2ib
+
+    def patch_means(adapter, pixels, text, generators, config):
+        p = adapter.patch_size
+        return F.avg_pool2d(pixels[:, :1], p)[:, 0]
+
+    monkeypatch.setattr(m2ib, "information_maps", patch_means)
+    fake = SimpleNamespace(image_size=15, patch_size=3, mean=(0.0,) * 3, std=(1.0,) * 3)
+    cfg = M2IBConfig(shifts=3)
+    for y, x in [(6, 6), (7, 7), (8, 6), (6, 8), (7, 8)]:
+        pixels = torch.zeros(1, 3, 15, 15)
+        pixels[0, :, y, x] = 1.0
+        averaged = m2ib.shifted_information(fake, pixels, None, [None], cfg)[0]
+        assert np.unravel_index(int(averaged.argmax()), averaged.shape) == (y, x)
+        single = F.interpolate(patch_means(fake, pixels, None, None, None)[:, None], size=(15, 15),
+                               mode="bilinear", align_corners=False)[0, 0]
+        centre = (y // 3 * 3 + 1, x // 3 * 3 + 1)
+        assert np.unravel_index(int(single.argmax()), single.shape) == centre
+
+
+def test_constant_image_with_shifts_is_zero(adapter):
+    maps = saliency_maps(adapter, [np.zeros((3, 30, 30), np.float32)], "tumor",
+                         M2IBConfig(**FAST, shifts=2, smooth=0.3))
+    assert np.isfinite(maps[0]).all()
+
+
+@pytest.mark.parametrize("bad", [{"shifts": 0}, {"shifts": 1.5}, {"smooth": -0.1},
+                                 {"smooth": float("nan")}])
+def test_bad_shifts_and_smooth(bad):
+    with pytest.raises(DataError, match=next(iter(bad))):
+        M2IBConfig(**bad).validate()

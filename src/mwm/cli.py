@@ -176,7 +176,8 @@ def cmd_localize(args: argparse.Namespace) -> int:
                              source=args.prompts or "--prompt")
     config = M2IBConfig(layer=args.layer, beta=args.beta, noise_scale=args.noise_scale,
                         steps=args.steps, samples=args.samples, lr=args.m2ib_lr, seed=args.seed,
-                        batch_size=args.batch_size, amp=args.amp)
+                        batch_size=args.batch_size, amp=args.amp, shifts=args.shifts,
+                        smooth=args.smooth)
     with RunManifest(out, "localize", _config_of(args), args.seed) as run:
         adapter = load_vlm(args.model, device=str(resolve_device(args.device)),
                            trust_remote_code=args.trust_remote_code)
@@ -212,7 +213,7 @@ def cmd_postprocess(args: argparse.Namespace) -> int:
     out = _require(args.out, "--out (the mask folder)")
     crf = None
     if args.crf:
-        crf = {"iterations": args.crf_iterations}
+        crf = {"iterations": args.crf_iterations, "anchor": args.crf_anchor}
     config = PostprocessConfig(method=args.method, threshold=args.threshold,
                                top_k=args.top_k or None, rank=args.rank, fill=not args.no_fill,
                                box_ratio=args.box_ratio, crf=crf)
@@ -435,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="Adam steps per image")
     p.add_argument("--samples", type=int, default=10, help="noise draws per step")
     p.add_argument("--m2ib-lr", type=float, default=1.0, help="Adam learning rate on alpha")
+    p.add_argument("--shifts", type=int, default=1, help="average the maps of N x N sub-patch "
+                   "shifts of the input: finer, less noisy maps for N^2 the time (default 1 = off)")
+    p.add_argument("--smooth", type=float, default=0.0, help="Gaussian blur of the map, std in "
+                   "patches, before it is mapped back to the image (default 0 = off)")
     p.add_argument("--batch-size", type=int, default=8, help="images optimized together")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (faster on CPU and GPU)")
     p.add_argument("--tune", nargs=2, metavar=("VAL_IMAGES", "VAL_MASKS"),
@@ -493,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", action="store_true",
                    help="dense CRF guided by the image instead of binarization (needs --images)")
     p.add_argument("--crf-iterations", type=int, default=5, help="mean-field iterations")
+    p.add_argument("--crf-anchor", choices=("map", "binarization"), default="map",
+                   help="the CRF's decision point: the map's 0.5 (default, as published) or the "
+                   "--method cut, so the CRF moves the binarized region onto image edges")
     p.add_argument("--images", metavar="DIR", help="the images the maps were made from (CRF)")
     add_common(p, seed=False)
 
