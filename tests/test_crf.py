@@ -1,3 +1,4 @@
+import dataclasses
 import sys
 
 import numpy as np
@@ -157,3 +158,37 @@ def test_default_crf_is_fast():
     out = dense_crf(p, image)
     assert out.shape == (256, 256)
     assert time.perf_counter() - start < 5.0
+
+
+# --------------------------------------------------------------------------- anchor
+
+@pytest.mark.parametrize("method", ["otsu", "kmeans", "threshold"])
+def test_binarization_anchor_without_pairwise_is_the_binarization(method):
+    # the anchored unary decides exactly where the postprocessing's cut decides
+    rng = np.random.default_rng(3)
+    p = np.clip(rng.normal(0.2, 0.1, (40, 40)), 0, 1)
+    p[10:20, 10:25] += 0.5
+    image = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    crf = CRFParams(anchor="binarization", gaussian_compat=0, bilateral_compat=0)
+    anchored = postprocess(p, method=method, threshold=0.4, crf=crf, image=image, fill=False)
+    assert np.array_equal(anchored, postprocess(p, method=method, threshold=0.4, fill=False))
+    published = postprocess(p, crf=dataclasses.replace(crf, anchor="map"), image=image, fill=False)
+    assert np.array_equal(published, p > 0.5)
+
+
+@needs_backend
+def test_binarization_anchor_moves_a_low_map_onto_the_edge():
+    # A map whose lesion values stay under 0.5 (as M2IB maps often do): the published
+    # anchor finds nothing, the binarization anchor snaps the k-means blob to the edge.
+    p, image, truth = spill_case()
+    low = 0.45 * p
+    assert not postprocess(low, crf=True, image=image).any()
+    blob = postprocess(low, method="kmeans")
+    refined = postprocess(low, method="kmeans", crf=CRFParams(anchor="binarization"),
+                          image=image, top_k=1)
+    assert iou(blob, truth) < 0.7 and iou(refined, truth) > 0.95
+
+
+def test_bad_anchor():
+    with pytest.raises(ValueError, match="anchor"):
+        CRFParams(anchor="edges")

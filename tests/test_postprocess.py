@@ -7,7 +7,7 @@ import pytest
 from mwm.data.io import read_mask
 from mwm.files import write_png
 from mwm.localize.postprocess import (
-    PostprocessConfig, as_unit_saliency, binarize, component_boxes, connected_components,
+    PostprocessConfig, anchor_at_half, as_unit_saliency, binarize, binarize_level, component_boxes, connected_components,
     expand_boxes, expanded_boxes, fill_holes, keep_largest_components, kmeans_1d, otsu_level,
     postprocess, postprocess_folder, scale_box)
 
@@ -270,3 +270,18 @@ def test_postprocess_folder_crf_requires_images(tmp_path):
     write_png(sal / "a.png", np.zeros((4, 4), np.uint8))
     with pytest.raises(ValueError, match="images_dir"):
         postprocess_folder(sal, tmp_path / "out", PostprocessConfig(crf=True), progress=False)
+
+
+@pytest.mark.parametrize("method", ["otsu", "kmeans", "threshold"])
+def test_binarize_level_is_the_cut(method):
+    rng = np.random.default_rng(1)
+    p = rng.random((30, 30)).astype(np.float32) ** 2
+    level = binarize_level(p, method, 0.35)
+    assert np.array_equal(binarize(p, method, 0.35), p > level)
+    assert binarize_level(np.full((4, 4), 0.3), method) is None
+
+
+def test_anchor_at_half():
+    p = np.array([0.0, 0.1, 0.2, 0.6, 1.0])
+    assert np.allclose(anchor_at_half(p, 0.2), [0.0, 0.25, 0.5, 0.75, 1.0])
+    assert np.all(np.diff(anchor_at_half(np.linspace(0, 1, 50), 0.9)) > 0)

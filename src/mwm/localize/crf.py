@@ -14,6 +14,14 @@ energies are ::
 * a bilateral (appearance) kernel on position and RGB colour, ``sxy = 50``,
   ``srgb = 5``, weight ``compat = 5``.
 
+``anchor`` says where the unary's decision point (p = 0.5) sits. ``"map"`` (the
+published choice) uses the map as it is, so the CRF starts from ``p > 0.5``. M2IB
+maps are mostly low with a peak, and their binarization cut (Otsu / k-means) is often
+far below 0.5; with ``"binarization"`` the map is first rescaled piecewise linearly so
+that the postprocessing's cut becomes 0.5 (0 and 1 stay put), and the CRF then moves the
+binarized region's border onto the image's edges (measured in
+``benchmarks/results/localization.md``).
+
 Mean-field inference runs ``iterations`` steps (default 5; the reference
 implementation used 1, which barely moves the labelling away from the unary), and the
 mask is the per-pixel argmax (ties → background). A kernel whose ``compat`` is 0 is
@@ -34,6 +42,9 @@ import numpy as np
 
 from .postprocess import as_unit_saliency
 
+#: Where the unary's 0.5 sits: the raw map, or the postprocessing's binarization cut.
+ANCHORS = ("map", "binarization")
+
 INSTALL_HINT = ("the dense CRF needs the pydensecrf2 package: `pip install pydensecrf2` "
                 "(it compiles C++ code, so a compiler such as g++ must be installed)")
 
@@ -50,8 +61,11 @@ class CRFParams:
     bilateral_sxy: float = 50.0
     bilateral_srgb: float = 5.0
     bilateral_compat: float = 5.0
+    anchor: str = "map"
 
     def __post_init__(self) -> None:
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"CRF anchor must be one of {', '.join(ANCHORS)}, got {self.anchor!r}")
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, (int, np.integer)) \
                 or self.iterations < 0:
             raise ValueError(f"CRF iterations must be an integer >= 0, got {self.iterations!r}")
@@ -118,8 +132,13 @@ def image_to_rgb8(image: Any) -> np.ndarray:
     """
     from ..data.io import to_model_input
 
-    chw = to_model_input(image)
-    return np.ascontiguousarray(np.rint(chw.transpose(1, 2, 0) * 255.0).astype(np.uint8))
+    return model_input_to_rgb8(to_model_input(image))
+
+
+def model_input_to_rgb8(chw: np.ndarray) -> np.ndarray:
+    """A (3, H, W) model input in [0, 1] → uint8 RGB ``(H, W, 3)``."""
+    hwc = np.asarray(chw, dtype=np.float32).transpose(1, 2, 0)
+    return np.ascontiguousarray(np.rint(np.clip(hwc, 0.0, 1.0) * 255.0).astype(np.uint8))
 
 
 def dense_crf(saliency: Any, image: Any, params: CRFParams | Mapping[str, Any] | None = None,

@@ -116,21 +116,44 @@ def binarize(saliency: Any, method: str = "threshold", threshold: float = 0.3) -
 
     A constant map gives an empty mask for every method.
     """
+    p = as_unit_saliency(saliency)
+    level = binarize_level(p, method, threshold)
+    if level is None:
+        return np.zeros(p.shape, dtype=bool)
+    if method == "otsu":
+        return np.rint(p * 255.0) > round(level * 255.0 - 0.5)
+    return p > level
+
+
+def binarize_level(saliency: Any, method: str = "threshold", threshold: float = 0.3
+                   ) -> float | None:
+    """The cut of :func:`binarize` on the [0, 1] scale (foreground ``p > level``).
+
+    Otsu's cut lies between two 8-bit levels, so its level is ``(t + 0.5) / 255``.
+    ``None`` for a constant (or empty) map, which has no foreground.
+    """
     if method not in BINARIZE_METHODS:
         raise ValueError(f"method must be one of {BINARIZE_METHODS}, got {method!r}")
     p = as_unit_saliency(saliency)
     if p.size == 0 or p.max() == p.min():
-        return np.zeros(p.shape, dtype=bool)
+        return None
     if method == "threshold":
         threshold = float(threshold)
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-        return p > threshold
+        return threshold
     if method == "otsu":
-        levels = np.rint(p * 255.0).astype(np.uint8)
-        return levels > otsu_level(levels)
+        return (otsu_level(np.rint(p * 255.0).astype(np.uint8)) + 0.5) / 255.0
     low, high = kmeans_1d(p)
-    return p > (low + high) / 2.0
+    return (low + high) / 2.0
+
+
+def anchor_at_half(p: np.ndarray, level: float) -> np.ndarray:
+    """Rescale a [0, 1] map piecewise linearly so that ``level`` becomes 0.5 (0 and 1 stay)."""
+    level = min(max(float(level), 1e-6), 1.0 - 1e-6)
+    low = 0.5 * p / level
+    high = 0.5 + 0.5 * (p - level) / (1.0 - level)
+    return np.where(p <= level, low, high).astype(np.float32)
 
 
 def otsu_level(levels: np.ndarray) -> int:
@@ -311,7 +334,9 @@ class PostprocessConfig:
     """Parameters of :func:`postprocess`; ``to_dict``/``from_dict`` round-trip via JSON.
 
     ``crf`` None = binarize with ``method``/``threshold``; otherwise a
-    :class:`~mwm.localize.crf.CRFParams` and the dense CRF replaces binarization.
+    :class:`~mwm.localize.crf.CRFParams` and the dense CRF replaces binarization (with
+    ``crf.anchor = "binarization"`` the CRF starts from the ``method`` cut: the map is
+    rescaled so that cut becomes 0.5, the CRF's own decision point).
     """
 
     method: str = "kmeans"
@@ -399,10 +424,12 @@ def _pipeline(p: np.ndarray, config: PostprocessConfig,
                              "was computed on; pass image=...")
         from .crf import dense_crf
 
-        if p.size == 0 or p.max() == p.min():
+        level = binarize_level(p, config.method, config.threshold)
+        if level is None:
             region = np.zeros(p.shape, dtype=bool)
         else:
-            region = dense_crf(p, image, config.crf)
+            unary_map = anchor_at_half(p, level) if config.crf.anchor == "binarization" else p
+            region = dense_crf(unary_map, image, config.crf)
     else:
         region = binarize(p, config.method, config.threshold)
     region = keep_largest_components(region, config.top_k, config.connectivity,

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.io import DataError, read_mask, read_slice, to_model_input
+from ..data.io import DataError, read_mask, read_slice
 from ..data.layouts import find_images
 from ..files import safe_child, write_png
 from ..progress import progress as progress_bar
+from .crf import image_to_rgb8
 from .hub import DEFAULT_SAM
 from .postprocess import component_boxes, keep_largest_components
 
@@ -86,7 +87,7 @@ def refine_folder(images_dir: str | Path, masks_dir: str | Path, out_dir: str | 
             if ref.name not in images:
                 raise DataError(f"no image named {ref.name}.* in {images_dir} for this mask")
             image = read_slice(images[ref.name])
-            rgb = (to_model_input(image).transpose(1, 2, 0) * 255).round().astype(np.uint8)
+            rgb = image_to_rgb8(image)
             coarse = read_mask(ref, shape=image.shape)
             refined = refiner.refine(rgb, coarse, top_k)
             write_png(safe_child(out_dir, f"{ref.name}.png"), refined.astype(np.uint8) * 255)

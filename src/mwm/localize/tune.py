@@ -25,6 +25,7 @@ from ..data.layouts import Sample
 from ..files import write_csv, write_json
 from ..metrics import dice
 from ..progress import progress as progress_bar
+from .crf import model_input_to_rgb8
 from .postprocess import PostprocessConfig
 
 def default_grid(depth: int) -> dict[str, tuple]:
@@ -72,6 +73,9 @@ def tune(samples: list[Sample], saliency_fn: Callable, base_config, post: Postpr
         images.append(to_model_input(image))
         prompts.append([p.strip() for p in sample.prompt.split("|")])
         truths.append(read_mask(sample.mask, shape=image.shape))
+    # The dense CRF follows the image: CRF candidates get it as the model saw it.
+    needs_image = any(c.crf is not None for c in (post, *(posts or ())))
+    guides = [model_input_to_rgb8(im) if needs_image else None for im in images]
     keys = list(grid)
     points = list(itertools.product(*(grid[k] for k in keys)))
     candidates = [post, *(posts or ())]
@@ -82,7 +86,7 @@ def tune(samples: list[Sample], saliency_fn: Callable, base_config, post: Postpr
         config = replace(base_config, **dict(zip(keys, values)))
         maps = saliency_fn(images, prompts, [s.name for s in samples], config)
         for index, candidate in enumerate(candidates):
-            scores = [dice(candidate.apply(m), t) for m, t in zip(maps, truths)]
+            scores = [dice(candidate.apply(m, rgb), t) for m, rgb, t in zip(maps, guides, truths)]
             rows.append({**dict(zip(keys, values)), **({"postprocess": index} if posts else {}),
                          "dice_mean": float(np.mean(scores)), "dice_std": float(np.std(scores)),
                          "n_images": len(scores)})
