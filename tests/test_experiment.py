@@ -168,3 +168,32 @@ def test_results_mean_std_and_paired_delta():
     assert rows["scratch"]["n_seeds"] == 1 and math.isnan(rows["scratch"]["ratio_overall"])
     assert rows["scratch"]["linear_delta"] == pytest.approx(-0.20)  # only seed 0 is paired
     assert math.isnan(mean_std([])[0])
+
+
+def test_region_postprocessing_with_crf_reads_the_dataset_images(tmp_path):
+    # localize.postprocess.crf in an experiment: the CRF gets the images it needs from
+    # the dataset, and a map it cannot use stops the run with the file named.
+    import numpy as np
+
+    from mwm.data.phantoms import generate_phantoms
+    from mwm.experiment.prepare import _postprocess
+    from mwm.files import write_png
+
+    pytest.importorskip("pydensecrf.densecrf", reason="the crf extra (pydensecrf2) is not installed")
+    data = tmp_path / "data"
+    generate_phantoms(data, n=6, size=48, seed=1, workers=1, progress=False)
+    saliency = tmp_path / "saliency"
+    for mask in sorted((data / "masks").glob("*.png")):
+        write_png(saliency / mask.name, np.full((48, 48), 40, np.uint8))
+    write_png(saliency / "brain-mri_00000.png", np.eye(48, dtype=np.uint8) * 255)
+    raw = {**TINY, "localize": {"prompt": "brain tumor", "model": "unused",
+                                "postprocess": {"method": "kmeans", "top_k": 1,
+                                                "crf": {"anchor": "binarization"}}}}
+    config = parse_experiment(raw)
+    _postprocess(config, data, saliency, tmp_path / "regions", 1, True)
+    assert len(list((tmp_path / "regions").glob("*.png"))) == 6
+    assert json.loads((tmp_path / "regions_done.json").read_text())["crf"] == {"anchor": "binarization"}
+
+    write_png(saliency / "brain-mri_00001.png", np.zeros((20, 20), np.uint8))  # wrong size
+    with pytest.raises(DataError, match="brain-mri_00001"):
+        _postprocess(config, data, saliency, tmp_path / "regions", 1, True)

@@ -6,7 +6,7 @@ A YAML file with these sections (``configs/phantom-brain-mri.yaml`` is a complet
     name: phantom-brain-mri
     data: {phantoms: {modality: brain-mri, n: 600, size: 128, seed: 0}}   # or {images: DIR}
     localize: {prompt: brain tumor, clip: {seconds: 240}, m2ib: {layer: 1},
-               postprocess: {method: otsu, top_k: 1}}                      # or model: NAME
+               postprocess: {method: kmeans, top_k: 1}}                      # or model: NAME
     pretrain: {model: resnet18, input_size: 128, epochs: 6, batch_size: 32}
     evaluate: [{name: linear, mode: linear, epochs: 30}]
     seeds: [0, 1, 2]
