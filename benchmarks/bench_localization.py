@@ -27,6 +27,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,7 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="scratch folder for the phantoms and the model")
     p.add_argument("--n", type=int, default=2000, help="phantom images (70%% train)")
     p.add_argument("--size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="phantom data and M2IB noise seed")
+    p.add_argument("--clip-seed", type=int, default=None,
+                   help="CLIP initialization and batch-order seed (default: --seed)")
     p.add_argument("--budget", type=float, default=600.0,
                    help="training wall-clock budget in seconds (default 600 = 10 min)")
     # CLIP
@@ -77,6 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tune-post", action=argparse.BooleanOptionalAction, default=True,
                    help="also choose the binarization (otsu / kmeans / threshold 0.5) and the "
                         "component ranking (area / mass) on the validation images")
+    p.add_argument("--shifts", type=int, default=3,
+                   help="M2IB sub-patch shift averaging, N x N shifts (1 = off)")
+    p.add_argument("--smooth", type=float, default=0.4,
+                   help="M2IB map blur, std in patches (0 = off)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--method", default="otsu", choices=("otsu", "kmeans", "threshold"))
@@ -128,7 +135,8 @@ def main(argv=None) -> int:
         summary = train_clip(data, model_dir, model=args.model, loss=args.loss,
                              negatives=args.negatives,
                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                             input_size=args.input_size, arch=arch, seed=args.seed,
+                             input_size=args.input_size, arch=arch,
+                             seed=args.seed if args.clip_seed is None else args.clip_seed,
                              prompt_mix=args.prompt_mix, progress=False, resume=False,
                              time_limit=args.budget, threads=int(args.threads))
         train_info = {k: v for k, v in summary.as_dict().items() if k != "log"}
@@ -161,7 +169,8 @@ def evaluate(args, data: Path, model_dir: Path) -> dict:
 
     from mwm.data.io import load_model_input, read_mask
     from mwm.localize.m2ib import M2IBConfig, saliency_maps
-    from mwm.localize.postprocess import postprocess
+    from mwm.localize.crf import model_input_to_rgb8
+    from mwm.localize.postprocess import PostprocessConfig
     from mwm.localize.vlm import load_vlm
     from mwm.metrics import region_metrics
 
@@ -172,13 +181,14 @@ def evaluate(args, data: Path, model_dir: Path) -> dict:
     if args.max_test:
         lesion, normal = lesion[:args.max_test], normal[:max(1, args.max_test // 3)]
     adapter = load_vlm("local-dir:" + str(model_dir))
-    post = dict(method=args.method, threshold=args.threshold, top_k=args.top_k, rank=args.rank)
+    post = PostprocessConfig(method=args.method, threshold=args.threshold, top_k=args.top_k,
+                             rank=args.rank)
     zero_shot = zero_shot_metrics(args, data, adapter, rows)
     print("zero-shot on the test split: " + ", ".join(f"{k} {v:.3f}" for k, v in zero_shot.items()
                                                        if isinstance(v, float)), flush=True)
     config = M2IBConfig(layer=args.layer if args.layer is not None else 0, beta=args.beta,
                         noise_scale=args.noise_scale, steps=args.steps, samples=args.samples,
-                        seed=args.seed)
+                        seed=args.seed, shifts=args.shifts, smooth=args.smooth)
     tuned = None
     if args.layer is None:
         config, post, tuned = tune_m2ib(args, data, adapter, config, post)
@@ -190,9 +200,13 @@ def evaluate(args, data: Path, model_dir: Path) -> dict:
         maps = saliency_maps(adapter, images, prompt, config, keys=keys)
         return maps, len(group) / (time.perf_counter() - t)
 
+    def regions(group, maps):
+        return [post.apply(m, model_input_to_rgb8(load_model_input(data / r["image"])))
+                for r, m in zip(group, maps)]
+
     maps, rate = maps_for(lesion, args.prompt)
     gts = [read_mask(data / r["mask"]) for r in lesion]
-    preds = [postprocess(m, **post) for m in maps]
+    preds = regions(lesion, maps)
     per_image = []
     for r, m, p, g in zip(lesion, maps, preds, gts):
         met = region_metrics(p, g)
@@ -201,11 +215,10 @@ def evaluate(args, data: Path, model_dir: Path) -> dict:
                           "lesion_fraction": float(g.mean()), "pred_fraction": float(p.mean()),
                           "saliency_in_over_out": float(m[g].mean() / max(m[~g].mean(), 1e-6))})
     absent_maps, rate_absent = maps_for(lesion, args.absent_prompt)
-    absent_dice = [region_metrics(postprocess(m, **post), g)["dice"]
-                   for m, g in zip(absent_maps, gts)]
+    absent_dice = [region_metrics(p, g)["dice"] for p, g in zip(regions(lesion, absent_maps), gts)]
     mad = [float(np.abs(a - b).mean()) for a, b in zip(maps, absent_maps)]
     normal_maps, _ = maps_for(normal, args.prompt) if normal else ([], 0.0)
-    normal_area = [float(postprocess(m, **post).mean()) for m in normal_maps]
+    normal_area = [float(p.mean()) for p in regions(normal, normal_maps)]
 
     def stats(values):
         v = np.asarray(values, dtype=float)
@@ -226,16 +239,25 @@ def evaluate(args, data: Path, model_dir: Path) -> dict:
         "none_images": {"n": len(normal), "pred_area_fraction": stats(normal_area),
                         "empty_predictions": int(sum(a == 0 for a in normal_area))},
         "per_image": per_image,
-        "m2ib": config.to_dict(), "postprocess": post, "zero_shot": zero_shot, "tuning": tuned,
+        "m2ib": config.to_dict(), "postprocess": post.to_dict(), "zero_shot": zero_shot, "tuning": tuned,
         "grid": list(adapter.grid), "input_size": adapter.image_size,
     }
-    out["figure"] = figure(args, data, lesion[:6] + normal[:2], maps[:6] + normal_maps[:2],
-                           absent_maps[:6], preds[:6], post)
+    shown = lesion[:6] + normal[:2]
+    out["figure"] = figure(args, data, shown, maps[:6] + normal_maps[:2], absent_maps[:6],
+                           preds[:6] + regions(normal[:2], normal_maps[:2]))
     return out
 
 
-#: Binarizations also tried on the validation images (with ``--tune-post``).
-POST_CANDIDATES = tuple((m, th, rank) for rank in ("area", "mass")
+#: Binarizations also tried on the validation images (with ``--tune-post``): each cut
+#: (Otsu, k-means, a 0.5 threshold) alone or followed by a dense CRF anchored at it, with
+#: components ranked by area or by saliency mass.
+CRF_CANDIDATES = (None,
+                  dict(anchor="binarization", bilateral_sxy=5, bilateral_srgb=20,
+                       bilateral_compat=10, gaussian_compat=1),
+                  dict(anchor="binarization", bilateral_sxy=10, bilateral_srgb=10,
+                       bilateral_compat=3, gaussian_compat=1))
+POST_CANDIDATES = tuple(dict(method=m, threshold=th, rank=rank, crf=crf)
+                        for rank in ("area", "mass") for crf in CRF_CANDIDATES
                         for m, th in (("otsu", 0.3), ("kmeans", 0.3), ("threshold", 0.5)))
 
 CLASS_PROMPTS = {"none": "normal brain MRI without lesion", "glioma": "glioma",
@@ -302,38 +324,29 @@ def tune_m2ib(args, data: Path, adapter, config, post: dict):
 
     val = [s for s in open_dataset(data).samples if s.split == "val" and s.label != "none"]
     val = pick_validation(val, args.tune_images, args.seed)
-    val = [replace_prompt(s, args.prompt) for s in val]
+    val = [replace(s, prompt=args.prompt) for s in val]
     t = time.perf_counter()
-    posts = [dict(post, method=m, threshold=th, rank=rank) for m, th, rank in POST_CANDIDATES
-             if (m, th, rank) != (post["method"], post["threshold"], post["rank"])
+    posts = [c for c in (replace(post, **p) for p in POST_CANDIDATES) if c != post
              ] if args.tune_post else []
     best, rows = tune(val, lambda im, pr, names, cfg: saliency_maps(adapter, im, pr, cfg, keys=names),
-                      config, PostprocessConfig(**post), Path(args.work) / "tune",
-                      depth=adapter.depth, progress=False,
-                      posts=[PostprocessConfig(**p) for p in posts] or None)
+                      config, post, Path(args.work) / "tune",
+                      depth=adapter.depth, progress=False, posts=posts or None)
     best_row = max(rows, key=lambda r: r["dice_mean"])
     post = ([post] + posts)[best_row.get("postprocess", 0)]
     grid = default_grid(adapter.depth)
     print(f"M2IB tuned on {len(val)} validation images in {time.perf_counter() - t:.0f} s: "
           f"layer {best.layer}, beta {best.beta}, noise_scale {best.noise_scale}, "
-          f"postprocess {post} (val DSC {best_row['dice_mean']:.3f})", flush=True)
+          f"postprocess {post.to_dict()} (val DSC {best_row['dice_mean']:.3f})", flush=True)
     return best, post, {"grid": {k: list(v) for k, v in grid.items()}, "rows": rows,
                         "n_images": len(val), "val_dice": best_row["dice_mean"],
-                        "postprocess_candidates": [dict(post)] + posts if posts else None}
+                        "postprocess_candidates": [c.to_dict() for c in posts] if posts else None}
 
 
-def replace_prompt(sample, prompt: str):
-    from dataclasses import replace
-
-    return replace(sample, prompt=prompt)
-
-
-def figure(args, data: Path, rows, maps, absent_maps, preds, post) -> str | None:
+def figure(args, data: Path, rows, maps, absent_maps, preds) -> str | None:
     """Rows: image with GT (red) and prediction (green) contours; map; absent-prompt map."""
     import cv2
 
     from mwm.data.io import load_model_input, read_mask
-    from mwm.localize.postprocess import postprocess
 
     if not rows:
         return None
@@ -342,7 +355,7 @@ def figure(args, data: Path, rows, maps, absent_maps, preds, post) -> str | None
         img = (load_model_input(data / r["image"])[0] * 255).astype(np.uint8)
         rgb = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
         gt = read_mask(data / r["mask"]).astype(np.uint8)
-        pred = (preds[i] if i < len(preds) else postprocess(m, **post)).astype(np.uint8)
+        pred = preds[i].astype(np.uint8)
         for mask, colour in ((gt, (0, 0, 255)), (pred, (0, 255, 0))):
             cnts, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
             cv2.drawContours(rgb, cnts, -1, colour, 1)
@@ -426,8 +439,9 @@ def report(r: dict, argv) -> str:
         + (f"; layer, beta and noise_scale tuned on {r['tuning']['n_images']} validation lesion "
            f"images (`mwm.localize.tune`, grid {r['tuning']['grid']}, scored by DSC after "
            "postprocessing"
-           + (", binarization (otsu / kmeans / threshold 0.5) and component ranking (area / "
-              "saliency mass) chosen at the same time"
+           + (", binarization (otsu / kmeans / threshold 0.5, each alone or followed by a "
+              "dense CRF anchored at its cut) and component ranking (area / saliency mass) "
+              "chosen at the same time"
               if r["tuning"].get("postprocess_candidates") else "")
            + f"; best validation DSC {r['tuning']['val_dice']:.3f})." if r.get("tuning")
            else " (fixed)."),
