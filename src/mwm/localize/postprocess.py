@@ -120,7 +120,7 @@ def binarize(saliency: Any, method: str = "threshold", threshold: float = 0.3) -
     level = binarize_level(p, method, threshold)
     if level is None:
         return np.zeros(p.shape, dtype=bool)
-    if method == "otsu":
+    if method == "otsu":  # compare 8-bit levels with Otsu's t, as OpenCV does
         return np.rint(p * 255.0) > round(level * 255.0 - 0.5)
     return p > level
 
