@@ -239,7 +239,8 @@ def evaluate(args, data: Path, model_dir: Path) -> dict:
         "none_images": {"n": len(normal), "pred_area_fraction": stats(normal_area),
                         "empty_predictions": int(sum(a == 0 for a in normal_area))},
         "per_image": per_image,
-        "m2ib": config.to_dict(), "postprocess": post.to_dict(), "zero_shot": zero_shot, "tuning": tuned,
+        "m2ib": config.to_dict(), "postprocess": post.to_dict(), "zero_shot": zero_shot,
+        "tuning": tuned,
         "grid": list(adapter.grid), "input_size": adapter.image_size,
     }
     shown = lesion[:6] + normal[:2]
@@ -315,7 +316,7 @@ def zero_shot_metrics(args, data: Path, adapter, rows: list[dict]) -> dict:
             "n": len(rows)}
 
 
-def tune_m2ib(args, data: Path, adapter, config, post: dict):
+def tune_m2ib(args, data: Path, adapter, config, post):
     """Grid-search M2IB on validation lesion images (``mwm.localize.tune``), not on test."""
     from mwm.data.layouts import open_dataset
     from mwm.localize.m2ib import saliency_maps
