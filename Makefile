@@ -7,6 +7,17 @@ STAMP := $(VENV)/.mwm-installed
 # make install TORCH="torch==2.9.1 torchvision==0.24.1"
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
+# The x86_64 build of torch 2.14.1 is a CUDA build: about 6 GB in the venv. Say so up front
+# when the disk is short, so that pip's "No space left on device" is not a mystery.
+define DISK_CHECK
+import shutil
+free = shutil.disk_usage(".").free / 2**30
+if free < 7:
+    print(f"warning: {free:.1f} GiB free here; the venv with PyTorch needs about 7 GiB. "
+          "If pip fails with 'No space left on device', free disk space (or remove an "
+          "old .venv) and run make again.")
+endef
+export DISK_CHECK
 
 .PHONY: install demo test clean browser
 
@@ -14,7 +25,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check $(TORCH)
+	@$(PYTHON) -c "$$DISK_CHECK"
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install --no-cache-dir --disable-pip-version-check $(TORCH)
 	$(PY) -m pip install --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
