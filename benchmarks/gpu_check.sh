@@ -3,8 +3,8 @@
 # throughput for the BiomedCLIP architecture, and an end-to-end pretrain + fine-tune on
 # CUDA. The machine has torch/timm/transformers but nothing else of ours and no network,
 # so the missing pure-Python wheels travel in .wheels/ (pip download, see the results file).
-# Writes into $OUT (default ./gpu-out). Status: prepared and its CPU parts checked on
-# 2026-11-28; no GPU was lent that session, so it has not run on one yet.
+# Writes into $OUT (default ./gpu-out). Ran on an H200 on 2026-11-30: results in
+# benchmarks/results/gpu_check.md.
 # Before running: pip download --no-deps -d .wheels open_clip_torch ftfy wcwidth pydicom \
 #   nibabel, plus pycocotools for Python 3.12 (--only-binary=:all: --python-version 3.12).
 set -euo pipefail
@@ -18,8 +18,8 @@ python3 -c "import torch, timm, open_clip; print('torch', torch.__version__, 'ti
 # 1. saliency speed: batch 1, 8, 64; fp32 and bf16; then 3x3 shifts at batch 64 (bf16)
 python3 benchmarks/bench_saliency.py --device cuda --threads 8 --images-b1 8 --images-b8 64 \
     --batch-large 64 --out "$OUT/saliency_speed_gpu.md"
-python3 benchmarks/bench_saliency.py --device cuda --threads 8 --images-b1 0 --images-b8 32 \
-    --batch-large 32 --shifts 3 --out "$OUT/saliency_speed_gpu_shifts3.md"
+python3 benchmarks/bench_saliency.py --device cuda --threads 8 --images-b1 0 --images-b8 64 \
+    --batch-large 64 --shifts 3 --out "$OUT/saliency_speed_gpu_shifts3.md"
 
 # 2. pretrain + fine-tune on CUDA end to end (resnet50, 224 px, bf16 auto)
 python3 -m mwm phantoms /tmp/ph --modality brain-mri --n 1200 --size 224 --seed 0 --quiet

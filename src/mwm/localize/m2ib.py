@@ -166,7 +166,8 @@ def saliency_maps(adapter: VLMAdapter, images: Sequence[np.ndarray],
         stop = min(start + config.batch_size, len(images))
         prepared = [adapter.prepare(img) for img in images[start:stop]]
         pixels = torch.stack([p for p, _ in prepared]).to(adapter.device, adapter.dtype)
-        gens = [torch.Generator().manual_seed(image_seed(config.seed, k)) for k in keys[start:stop]]
+        gens = [torch.Generator(adapter.device).manual_seed(image_seed(config.seed, k))
+                for k in keys[start:stop]]
         info = shifted_information(adapter, pixels, text[start:stop], gens, config)
         for square_map, (_, geometry) in zip(info, prepared):
             maps.append(_minmax(adapter.to_image(square_map, geometry)))
@@ -245,7 +246,8 @@ def information_maps(adapter: VLMAdapter, pixels: Tensor, text: Tensor,
     """(B, gh, gw) information per patch token (nats, KL summed over channels).
 
     ``pixels``: (B, 3, S, S) prepared inputs; ``text``: (B, D) normalized text
-    embeddings; ``generators``: one CPU generator per image (its noise source).
+    embeddings; ``generators``: one generator per image (its noise source), on the
+    model's device.
     """
     cfg = config.validate(adapter.depth)
     b = pixels.shape[0]
@@ -276,7 +278,10 @@ def information_maps(adapter: VLMAdapter, pixels: Tensor, text: Tensor,
            else contextlib.nullcontext())
     for _ in range(cfg.steps):
         optimizer.zero_grad(set_to_none=True)
-        noise = torch.stack([torch.randn((s, t, c), generator=g, dtype=work) for g in generators]).to(device)
+        # each image's noise from its own generator, on the generator's device: drawing
+        # it on the CPU and copying capped M2IB at ~9 images/s on an H200
+        noise = torch.stack([torch.randn((s, t, c), generator=g, dtype=work, device=g.device)
+                             for g in generators]).to(device)
         lam = torch.sigmoid(alpha)[:, None]                                 # (B, 1, T, C)
         keep = torch.sigmoid(-alpha)[:, None]
         z = (lam * rs[:, None] + keep * sigma * noise) * sd[:, None] + mu[:, None]
