@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "localization.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "localization.md").write_text(report(results, argv), encoding="utf-8")
+    write_report(out / "localization.md", report(results, argv))
     print((out / "localization.md").read_text())
     return 0
 
@@ -383,17 +383,33 @@ def _ms(s: dict, digits: int = 3) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} (n={s['n']})"
 
 
+#: Text below this line in an existing report was written by hand; a rerun keeps it.
+HAND_NOTES = "<!-- Notes below were written by hand; rerunning the benchmark keeps them. -->"
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write the generated report, keeping any hand-written notes of the previous one."""
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if HAND_NOTES in old:
+        text = text.rstrip("\n") + "\n\n" + old[old.index(HAND_NOTES):]
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def report(r: dict, argv) -> str:
     s, t = r["settings"], r["training"]
     cmd = "python benchmarks/bench_localization.py " + " ".join(argv or sys.argv[1:])
     target = "**reached**" if (r["dice"]["mean"] or 0) >= 0.6 else "**missed**"
+    clip_seed = s["seed"] if s.get("clip_seed") is None else s["clip_seed"]
     lines = [
         "# Offline localization benchmark (phantom CLIP → M2IB → DSC)",
         "",
         f"Command: `{cmd.strip()}`",
         "",
         f"Target: mean DSC ≥ 0.6 on held-out brain-MRI phantom test images with a lesion — "
-        f"{target} (mean DSC {r['dice']['mean']:.3f}).",
+        f"{target} (mean DSC {r['dice']['mean']:.3f}) with CLIP seed {clip_seed}. This is one "
+        "CLIP training seed; other seeds give other results (see the notes at the end).",
         "",
         "## Results",
         "",

@@ -6,7 +6,7 @@ strategies, so it leaves exactly the folder layout and report ``mwm experiment``
 1. ``data/``          a phantom dataset (images, lesion masks, captions, prompts);
 2. ``clip/``          a small CLIP trained from scratch on the train split's captions;
 3. ``saliency/``      M2IB saliency maps of each image's prompt;
-4. ``regions/``       region masks (Otsu + largest component);
+4. ``regions/``       region masks (k-means, the component with the most saliency);
 5. ``localization/``  DSC / NSD of the regions against the lesion masks (test split);
 6. ``cells/``         resnet18 pretrained with random masking (60%) and with region-aware
    masking (80% in the region, 40% outside), then linear probes of the lesion class, and
