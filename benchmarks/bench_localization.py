@@ -35,6 +35,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
+from mwm.cli import layers_arg  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -70,8 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     # M2IB + postprocess
     p.add_argument("--prompt", default="brain tumor")
     p.add_argument("--absent-prompt", default="fractured femur")
-    p.add_argument("--layer", type=int, default=None,
-                   help="M2IB layer; default: tuned on validation images with --beta/--noise-scale "
+    p.add_argument("--layer", type=layers_arg, default=None,
+                   help="M2IB layer, or layers such as 1,2 (maps averaged); default: tuned on "
+                        "validation images with --beta/--noise-scale "
                         "(mwm.localize.tune.default_grid)")
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--noise-scale", type=float, default=1.0)
@@ -91,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--rank", default="area", choices=("area", "mass"),
                    help="top-k components by area or by saliency mass")
+    p.add_argument("--crf", action="store_true",
+                   help="with --layer: refine with the dense CRF anchored at the cut "
+                        "(the first CRF candidate of the validation search)")
     p.add_argument("--max-test", type=int, default=60,
                    help="use at most this many test images per group (0 = all)")
     p.add_argument("--out", default=str(RESULTS), help="results folder")
@@ -182,11 +188,11 @@ def evaluate(args, data: Path, model_dir: Path) -> dict:
         lesion, normal = lesion[:args.max_test], normal[:max(1, args.max_test // 3)]
     adapter = load_vlm("local-dir:" + str(model_dir))
     post = PostprocessConfig(method=args.method, threshold=args.threshold, top_k=args.top_k,
-                             rank=args.rank)
+                             rank=args.rank, crf=CRF_CANDIDATES[1] if args.crf else None)
     zero_shot = zero_shot_metrics(args, data, adapter, rows)
     print("zero-shot on the test split: " + ", ".join(f"{k} {v:.3f}" for k, v in zero_shot.items()
                                                        if isinstance(v, float)), flush=True)
-    config = M2IBConfig(layer=args.layer if args.layer is not None else 0, beta=args.beta,
+    config = M2IBConfig(layer=0 if args.layer is None else args.layer, beta=args.beta,
                         noise_scale=args.noise_scale, steps=args.steps, samples=args.samples,
                         seed=args.seed, shifts=args.shifts, smooth=args.smooth)
     tuned = None

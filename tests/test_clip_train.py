@@ -326,3 +326,41 @@ def test_scratch_pool_and_position_options():
     assert not net.visual.positional_embedding.requires_grad
     with pytest.raises(ValueError, match="unknown architecture"):
         build_model("scratch-micro", arch={"pooling": "avg"})
+
+
+def test_token_max_embedding_is_the_channel_maximum_of_projected_tokens():
+    from mwm.clip.train import encode_image_and_token_max
+
+    torch.manual_seed(0)
+    net = build_model("scratch-micro", arch={"pool_type": "avg"})[0].eval()
+    pixels_bchw = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        emb_bd, token_max_bd = encode_image_and_token_max(net, pixels_bchw)
+        v = net.visual
+        tokens_bnc = v.ln_post(v.transformer(v._embeds(pixels_bchw)))[:, 1:]
+        expected_bd = torch.nn.functional.normalize((tokens_bnc @ v.proj).amax(dim=1), dim=-1)
+        assert torch.allclose(emb_bd, net.encode_image(pixels_bchw, normalize=True), atol=1e-5)
+    assert torch.allclose(token_max_bd, expected_bd, atol=1e-5)
+    assert not torch.allclose(token_max_bd, emb_bd, atol=1e-2)
+    assert net.visual.output_tokens is False  # the model is left as it was
+
+    class TimmLike(torch.nn.Module):
+        visual = torch.nn.Identity()
+
+    with pytest.raises(ValueError, match="VisionTransformer"):
+        encode_image_and_token_max(TimmLike(), pixels_bchw)
+
+
+def test_token_max_loss_changes_training_and_is_recorded(phantoms, tmp_path):
+    base = train_clip(phantoms, tmp_path / "a", epochs=1, amp="none", token_max_weight=0.0,
+                      **TINY)
+    extra = train_clip(phantoms, tmp_path / "b", epochs=1, amp="none", **TINY)  # scratch: 1
+    # the same first batch scored by two losses: the token-max term adds a positive loss
+    assert extra.final_loss > base.final_loss
+    saved = (tmp_path / "b" / CONFIG_NAME).read_text()
+    assert '"token_max_weight": 1.0' in saved
+    assert "token_max_weight" not in (tmp_path / "a" / CONFIG_NAME).read_text()
+    model = open_clip.create_model("local-dir:" + str(tmp_path / "b"))  # a plain open_clip model
+    assert model.visual.output_tokens is False
+    with pytest.raises(ValueError, match="token_max_weight"):
+        train_clip(phantoms, tmp_path / "c", token_max_weight=-1.0, **TINY)

@@ -171,7 +171,7 @@ def test_tune_grid_layers_for_deep_and_shallow_models():
     from mwm.localize.tune import default_grid
 
     assert default_grid(12)["layer"] == (7, 8, 9)        # the published search
-    assert default_grid(3)["layer"] == (1, 2)            # shallow: the last two blocks
+    assert default_grid(3)["layer"] == (1, 2, (1, 2))    # shallow: the last two, and both
     assert default_grid(1)["layer"] == (0,)
 
 
@@ -309,3 +309,28 @@ def test_constant_image_with_shifts_is_zero(adapter):
 def test_bad_shifts_and_smooth(bad):
     with pytest.raises(DataError, match=next(iter(bad))):
         M2IBConfig(**bad).validate()
+
+
+def test_several_layers_average_the_single_layer_maps(adapter, images):
+    from mwm.cli import layers_arg
+
+    one = {k: v for k, v in FAST.items() if k != "layer"}
+    maps = {layer: saliency_maps(adapter, images, "tumor", M2IBConfig(layer=layer, **one))
+            for layer in (1, 3)}
+    both = saliency_maps(adapter, images, "tumor", M2IBConfig(layer=[1, 3], **one))
+    for i, combined in enumerate(both):
+        expected = _minmax((maps[1][i] + maps[3][i]) / 2)
+        np.testing.assert_allclose(combined, expected, atol=1e-6)
+        assert combined.shape == images[i].shape[1:]
+    assert not np.allclose(both[0], maps[1][0], atol=1e-3)
+    # one spelling per setting (the fingerprint of stale maps depends on it)
+    cfg = M2IBConfig(layer=[1, 3], **one)
+    assert cfg.layer == (1, 3) and cfg.layers == (1, 3)
+    assert M2IBConfig(layer=[2]).layer == 2 and M2IBConfig(layer=2).layers == (2,)
+    assert M2IBConfig.from_dict(cfg.to_dict()) == cfg
+    for bad in ([], [1, 1], [1, 4], [1, "2"]):
+        with pytest.raises(DataError, match="layer"):
+            saliency_maps(adapter, images[:1], "tumor", M2IBConfig(layer=bad, **one))
+    assert layers_arg("7") == 7 and layers_arg("1,2") == (1, 2)
+    with pytest.raises(Exception, match="indices"):
+        layers_arg("1;2")

@@ -133,6 +133,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_FAILURES if report.failures else EXIT_OK
 
 
+def layers_arg(text: str) -> int | tuple[int, ...]:
+    """``--layer``: ``7`` or ``1,2`` (several blocks, their maps averaged)."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a block index or indices such as 1,2, "
+                                         f"got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
 def cmd_clip(args: argparse.Namespace) -> int:
     from .clip import train_clip
     from .runlog import RunManifest
@@ -144,6 +154,7 @@ def cmd_clip(args: argparse.Namespace) -> int:
                              pretrained=args.pretrained, seed=args.seed, device=args.device,
                              workers=args.workers, amp=args.amp, progress=not args.quiet,
                              prompt_mix=args.prompt_mix, negatives=args.negatives,
+                             token_max_weight=args.token_max_weight,
                              resume=not args.no_resume,
                              time_limit=args.time_limit)
         run.add(final_loss=summary.final_loss, steps=summary.steps, seconds=summary.seconds,
@@ -429,8 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. from `mwm clip train`), or a transformers CLIP id (default: BiomedCLIP)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a transformers model's own code to run (off by default)")
-    p.add_argument("--layer", type=int, default=7, help="vision block (0-based) whose output "
-                   "passes the bottleneck (default 7)")
+    p.add_argument("--layer", type=layers_arg, default=7, help="vision block (0-based) whose "
+                   "output passes the bottleneck (default 7), or blocks such as 1,2: one map "
+                   "per block, averaged")
     p.add_argument("--beta", type=float, default=1.0, help="weight of the information term")
     p.add_argument("--noise-scale", type=float, default=1.0, help="std of the noise and prior")
     p.add_argument("--steps", type=int, default=10, help="Adam steps per image")
@@ -474,6 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pairs that are not negatives besides identical captions: 'normal' "
                    "(lesion-free images among themselves; default), 'label' (same class), "
                    "'caption' (only identical captions)")
+    p.add_argument("--token-max-weight", type=float, default=None, metavar="W",
+                   help="add W x the contrastive loss of the per-channel maximum over patch "
+                   "tokens, which keeps a small lesion's evidence on its own tokens for M2IB "
+                   "(default: 1 for scratch models, 0 when fine-tuning)")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many "
                    "seconds (at an epoch end; a re-run continues)")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")

@@ -77,6 +77,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 #: models, 1e-5 for fine-tuning.
 PRESET_LR: dict[str, float] = {"scratch-tiny": 2e-3, "scratch-micro": 2e-3}
 
+#: Default ``token_max_weight`` of scratch models (see :func:`train_clip`). On the phantom
+#: benchmark it raised the test DSC of the two CLIP seeds that localized worst
+#: (``benchmarks/results/localization.md``).
+SCRATCH_TOKEN_MAX_WEIGHT = 1.0
+
 #: Optional architecture keys every preset accepts (their open_clip defaults).
 ARCH_DEFAULTS: dict[str, Any] = {"pool_type": "tok", "pos_embed_type": "learnable"}
 
@@ -322,6 +327,32 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def encode_image_and_token_max(net, pixels):
+    """``(embedding, token_max)``: the model's normalized image embedding, and the
+    normalized per-channel maximum over its patch tokens after the head's LayerNorm and
+    projection (B, D each).
+
+    The pooled embedding of a mean-pooled ViT can be moved by a 4-token lesion only if
+    many tokens copy its evidence; the maximum is moved by one token alone. Only the
+    training loss sees ``token_max``: the saved model is unchanged.
+    """
+    import torch.nn.functional as F
+    from open_clip.transformer import VisionTransformer
+
+    v = net.visual
+    if not isinstance(v, VisionTransformer) or v.attn_pool is not None or v.final_ln_after_pool:
+        raise ValueError("token_max_weight needs an open_clip VisionTransformer with mean or "
+                         "class-token pooling (the scratch presets), not "
+                         f"{type(v).__name__}; set it to 0 for this model.")
+    v.output_tokens = True
+    try:
+        pooled, tokens = v(pixels)                          # (B, D), (B, N, C) after ln_post
+    finally:
+        v.output_tokens = False
+    token_emb = tokens @ v.proj                             # (B, N, D)
+    return F.normalize(pooled, dim=-1), F.normalize(token_emb.amax(dim=1), dim=-1)
+
+
 def _data_digest(pairs: list[CaptionPair]) -> str:
     h = hashlib.sha256()
     for p in pairs:
@@ -338,7 +369,7 @@ def train_clip(pairs: str | os.PathLike, out_dir: str | os.PathLike, *,
                tau: float | None = None, beta1: float = 0.15, beta2: float = 0.15,
                hflip: float = 0.5, min_scale: float = 0.8, jitter: float = 0.1,
                prompt_mix: float = 0.0, grad_clip: float | None = 1.0,
-               negatives: str = "normal",
+               negatives: str = "normal", token_max_weight: float | None = None,
                split: str = "train", resume: bool = True,
                time_limit: float | None = None, threads: int | None = None
                ) -> ClipTrainSummary:
@@ -362,6 +393,13 @@ def train_clip(pairs: str | os.PathLike, out_dir: str | os.PathLike, *,
       (2e-3), 5e-4 for other scratch models, 1e-5 for fine-tuning);
       AdamW, linear warm-up over ``warmup`` of the steps, cosine decay to 0.
     * ``amp``: ``auto`` (bf16 on CPU, bf16/fp16 on CUDA), ``bf16``, ``fp16``, ``none``.
+    * ``token_max_weight``: weight of a second contrastive loss on another image
+      embedding, the per-channel maximum over the projected patch tokens
+      (:func:`encode_image_and_token_max`). Single tokens must then carry the caption's
+      evidence, so a small lesion's evidence stays on its own tokens, where M2IB at the
+      last block finds it. ``None``: :data:`SCRATCH_TOKEN_MAX_WEIGHT` for scratch models, 0
+      (off) when fine-tuning. Needs an open_clip ``VisionTransformer`` (the scratch
+      presets), not a timm trunk such as BiomedCLIP's.
     * ``prompt_mix``: probability that a pair whose manifest row has a ``prompt`` and a
       finding label (not ``none``/``normal``) is shown with its prompt as the caption, so
       that short localization prompts ("brain tumor") are in the text vocabulary.
@@ -391,6 +429,9 @@ def train_clip(pairs: str | os.PathLike, out_dir: str | os.PathLike, *,
     for name, value in (("prompt_mix", prompt_mix), ("hflip", hflip)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
+    if token_max_weight is not None and not (math.isfinite(token_max_weight)
+                                             and token_max_weight >= 0):
+        raise ValueError(f"token_max_weight must be a finite number >= 0, got {token_max_weight}")
     out = Path(out_dir)
     dev = resolve_device(device)
     amp_mode = _resolve_amp(amp, dev)
@@ -405,6 +446,8 @@ def train_clip(pairs: str | os.PathLike, out_dir: str | os.PathLike, *,
         model, input_size=input_size, arch=arch, pretrained=pretrained, seed=seed)
     size = _image_size(model_cfg)
     default_lr = PRESET_LR.get(model, 5e-4) if kind == "scratch" else 1e-5
+    if token_max_weight is None:
+        token_max_weight = SCRATCH_TOKEN_MAX_WEIGHT if kind == "scratch" else 0.0
     peak_lr = float(lr if lr is not None else default_lr)
     settings = {
         "model": model, "model_cfg": model_cfg, "pretrained": pretrained, "loss": loss,
@@ -413,6 +456,8 @@ def train_clip(pairs: str | os.PathLike, out_dir: str | os.PathLike, *,
         "beta2": float(beta2), "hflip": float(hflip), "min_scale": float(min_scale),
         "jitter": float(jitter), "prompt_mix": float(prompt_mix), "grad_clip": grad_clip,
         "negatives": negatives,
+        # only when used, so that checkpoints written before it existed still resume
+        **({"token_max_weight": float(token_max_weight)} if token_max_weight else {}),
         "split": split, "n_pairs": len(data), "data_digest": _data_digest(data), "amp": amp_mode,
     }
 
@@ -446,7 +491,8 @@ def train_clip(pairs: str | os.PathLike, out_dir: str | os.PathLike, *,
     extra = {"trained_by": "mwm clip train", "loss": loss, "epochs_done": 0,
              "input": "to_model_input -> zero-pad to centred square -> resize (bilinear) -> "
                       "normalize(mean, std)",
-             "pad_to_square": True, "n_pairs": n}
+             "pad_to_square": True, "n_pairs": n,
+             **({"token_max_weight": float(token_max_weight)} if token_max_weight else {})}
 
     step, seen, t_train, stopped = start_epoch * steps_per_epoch, 0, time.perf_counter(), False
     net.train()
@@ -477,10 +523,17 @@ def train_clip(pairs: str | os.PathLike, out_dir: str | os.PathLike, *,
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, peak_lr, warmup_steps)
             with torch.autocast(**autocast):
-                img = net.encode_image(x, normalize=True)
+                if token_max_weight:
+                    img, img_max = encode_image_and_token_max(net, x)
+                else:
+                    img = net.encode_image(x, normalize=True)
                 txt = net.encode_text(tokens, normalize=True)
             value = contrastive_loss(loss, img.float(), txt.float(), net.logit_scale, same,
                                      tau=tau, beta1=beta1, beta2=beta2)
+            if token_max_weight:
+                value = value + token_max_weight * contrastive_loss(
+                    loss, img_max.float(), txt.float(), net.logit_scale, same, tau=tau,
+                    beta1=beta1, beta2=beta2)
             if not torch.isfinite(value):
                 raise FloatingPointError(f"loss became {value.item()} at epoch {epoch + 1}, "
                                          f"step {step}; lower the learning rate ({peak_lr}).")

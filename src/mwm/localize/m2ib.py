@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -41,7 +41,9 @@ __all__ = ["M2IBConfig", "saliency_maps", "information_maps", "shifted_informati
 class M2IBConfig:
     """M2IB hyper-parameters; every one of them changes the maps.
 
-    ``layer``: 0-based vision block whose output is bottlenecked (must be < depth);
+    ``layer``: 0-based vision block whose output is bottlenecked (must be < depth), or
+    several blocks (a tuple): one bottleneck per block, each map scaled to [0, 1], the
+    maps averaged and scaled again (see :attr:`layers`);
     ``beta``: weight of the information term; ``noise_scale``: std of the noise and of
     the prior, in units of the per-channel std of the block output when ``standardize``;
     ``steps``: Adam updates of alpha; ``samples``: noise draws per step; ``lr``: Adam
@@ -62,7 +64,7 @@ class M2IBConfig:
     bilinear-upsampling ridges that otherwise decide where a threshold cuts.
     """
 
-    layer: int = 7
+    layer: int | tuple[int, ...] = 7
     beta: float = 1.0
     noise_scale: float = 1.0
     steps: int = 10
@@ -76,16 +78,29 @@ class M2IBConfig:
     shifts: int = 1
     smooth: float = 0.0
 
+    def __post_init__(self):
+        if isinstance(self.layer, (list, tuple)):  # one spelling per setting: fingerprints
+            self.layer = self.layer[0] if len(self.layer) == 1 else tuple(self.layer)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The bottlenecked blocks, as a tuple (one element for a single ``layer``)."""
+        return self.layer if isinstance(self.layer, tuple) else (self.layer,)
+
     def validate(self, depth: int | None = None) -> "M2IBConfig":
         def bad(msg: str):
             raise DataError(f"M2IB: {msg}")
 
-        if isinstance(self.layer, bool) or not isinstance(self.layer, (int, np.integer)):
-            bad(f"layer must be an integer, got {self.layer!r}")
-        if self.layer < 0 or (depth is not None and self.layer >= depth):
-            rng = f"0..{depth - 1}" if depth is not None else ">= 0"
-            bad(f"layer {self.layer} is out of range: this model has {depth} vision blocks, "
-                f"so layer must be in {rng} (0-based; the bottleneck acts on that block's output).")
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            bad(f"layer must be a block index or distinct indices, got {self.layer!r}")
+        for layer in self.layers:
+            if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+                bad(f"layer must be an integer or a tuple of integers, got {self.layer!r}")
+            if layer < 0 or (depth is not None and layer >= depth):
+                rng = f"0..{depth - 1}" if depth is not None else ">= 0"
+                bad(f"layer {layer} is out of range: this model has {depth} vision blocks, "
+                    f"so layer must be in {rng} (0-based; the bottleneck acts on that block's "
+                    "output).")
         for name in ("steps", "samples", "batch_size", "shifts"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -166,11 +181,19 @@ def saliency_maps(adapter: VLMAdapter, images: Sequence[np.ndarray],
         stop = min(start + config.batch_size, len(images))
         prepared = [adapter.prepare(img) for img in images[start:stop]]
         pixels = torch.stack([p for p, _ in prepared]).to(adapter.device, adapter.dtype)
-        gens = [torch.Generator(adapter.device).manual_seed(image_seed(config.seed, k))
-                for k in keys[start:stop]]
-        info = shifted_information(adapter, pixels, text[start:stop], gens, config)
-        for square_map, (_, geometry) in zip(info, prepared):
-            maps.append(_minmax(adapter.to_image(square_map, geometry)))
+        per_layer = []  # [layer][image] (H, W) maps in [0, 1]
+        for layer in config.layers:
+            # fresh generators per layer: each layer's map equals its single-layer run
+            gens = [torch.Generator(adapter.device).manual_seed(image_seed(config.seed, k))
+                    for k in keys[start:stop]]
+            info = shifted_information(adapter, pixels, text[start:stop], gens,
+                                       replace(config, layer=layer))
+            per_layer.append([_minmax(adapter.to_image(square_map, geometry))
+                              for square_map, (_, geometry) in zip(info, prepared)])
+        if len(per_layer) == 1:
+            maps.extend(per_layer[0])
+        else:
+            maps.extend(_minmax(np.mean(image_maps, axis=0)) for image_maps in zip(*per_layer))
         if progress is not None:
             progress(stop - start)
     return maps
@@ -253,6 +276,9 @@ def information_maps(adapter: VLMAdapter, pixels: Tensor, text: Tensor,
     b = pixels.shape[0]
     if text.shape[0] != b or len(generators) != b:
         raise DataError("M2IB: pixels, text and generators must have the same batch size")
+    if len(cfg.layers) != 1:
+        raise DataError("M2IB: information_maps bottlenecks one layer; saliency_maps averages "
+                        "the maps of several")
     depth, layer, prefix = adapter.depth, cfg.layer, adapter.num_prefix_tokens
     device = pixels.device
     with torch.no_grad():

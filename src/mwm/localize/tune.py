@@ -36,11 +36,15 @@ def default_grid(depth: int) -> dict[str, tuple]:
     has no such middle: its last two blocks are searched instead. With a mean-pooled ViT
     the last block's output reaches the embedding token by token, so its map keeps every
     token that carries the prompt (measured in ``benchmarks/results/localization.md``).
+    Their averaged map is a third candidate: for the phantom CLIP, block D-2 found the
+    small lesions and block D-1 the large ones.
     """
     if depth >= 6:
         layers = tuple(sorted({depth - k for k in (5, 4, 3)}))
     else:
         layers = tuple(sorted({max(0, depth - 2), depth - 1}))
+        if len(layers) == 2:
+            layers = layers + (layers,)
     return {"beta": (0.1, 1.0, 2.0), "layer": layers, "noise_scale": (0.5, 1.0, 2.0)}
 
 
