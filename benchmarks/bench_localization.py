@@ -15,7 +15,9 @@ Proves that MWM's text-guided localization works without any download:
 
 Writes ``benchmarks/results/localization.md`` (+ ``localization.json`` and a figure).
 
-    python benchmarks/bench_localization.py                 # the reported run
+    python benchmarks/bench_localization.py                 # the reported run (seed 0)
+    python benchmarks/bench_localization.py --clip-seed 1   # another CLIP seed
+    python benchmarks/bench_localization.py --tune          # choose M2IB + postprocessing on val
     python benchmarks/bench_localization.py --quick         # smoke run, ~1 minute
 """
 
@@ -64,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=None, help="peak lr (default: train_clip's)")
     p.add_argument("--prompt-mix", type=float, default=0.2)
+    p.add_argument("--token-max-weight", type=float, default=None,
+                   help="token-max loss weight (default: train_clip's, 1 for scratch models)")
     p.add_argument("--threads", default="1",
                    help="torch CPU threads: a number, or auto = 1 when the machine is busy "
                         "(1-minute load average > 1), else all cores")
@@ -72,12 +76,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     # M2IB + postprocess
     p.add_argument("--prompt", default="brain tumor")
     p.add_argument("--absent-prompt", default="fractured femur")
-    p.add_argument("--layer", type=layers_arg, default=None,
-                   help="M2IB layer, or layers such as 1,2 (maps averaged); default: tuned on "
-                        "validation images with --beta/--noise-scale "
-                        "(mwm.localize.tune.default_grid)")
+    # defaults: the settings chosen on validation images (localization.md)
+    p.add_argument("--layer", type=layers_arg, default=(1, 2),
+                   help="M2IB layer, or layers such as 1,2 (maps averaged; default 1,2)")
     p.add_argument("--beta", type=float, default=1.0)
-    p.add_argument("--noise-scale", type=float, default=1.0)
+    p.add_argument("--noise-scale", type=float, default=0.5)
+    p.add_argument("--tune", action="store_true",
+                   help="instead, search layer x beta x noise scale on validation images "
+                        "(mwm.localize.tune.default_grid), with --beta/--noise-scale as the base")
     p.add_argument("--tune-images", type=int, default=30,
                    help="validation lesion images for the M2IB grid search")
     p.add_argument("--tune-post", action=argparse.BooleanOptionalAction, default=True,
@@ -89,14 +95,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="M2IB map blur, std in patches (0 = off)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--samples", type=int, default=10)
-    p.add_argument("--method", default="otsu", choices=("otsu", "kmeans", "threshold"))
+    p.add_argument("--method", default="kmeans", choices=("otsu", "kmeans", "threshold"))
     p.add_argument("--threshold", type=float, default=0.3)
     p.add_argument("--top-k", type=int, default=1)
-    p.add_argument("--rank", default="area", choices=("area", "mass"),
+    p.add_argument("--rank", default="mass", choices=("area", "mass"),
                    help="top-k components by area or by saliency mass")
-    p.add_argument("--crf", action="store_true",
-                   help="with --layer: refine with the dense CRF anchored at the cut "
-                        "(the first CRF candidate of the validation search)")
+    p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=True,
+                   help="refine with the dense CRF anchored at the cut (the first CRF "
+                        "candidate of the validation search; default on)")
     p.add_argument("--max-test", type=int, default=60,
                    help="use at most this many test images per group (0 = all)")
     p.add_argument("--out", default=str(RESULTS), help="results folder")
@@ -143,13 +149,16 @@ def main(argv=None) -> int:
                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                              input_size=args.input_size, arch=arch,
                              seed=args.seed if args.clip_seed is None else args.clip_seed,
-                             prompt_mix=args.prompt_mix, progress=False, resume=False,
+                             prompt_mix=args.prompt_mix, token_max_weight=args.token_max_weight,
+                             progress=False, resume=False,
                              time_limit=args.budget, threads=int(args.threads))
         train_info = {k: v for k, v in summary.as_dict().items() if k != "log"}
         train_info["log"] = summary.log
         train_info["load_average_1min_before"] = load_before
         train_info["load_average_1min_after"] = os.getloadavg()[0]
         (model_dir / "bench_train.json").write_text(json.dumps(train_info, indent=1, default=str))
+    saved = json.loads((model_dir / "open_clip_config.json").read_text()).get("mwm", {})
+    train_info["token_max_weight"] = saved.get("token_max_weight", 0.0)
     print(f"training: {train_info['seconds']:.0f} s, {len(train_info['log'])} epochs, "
           f"final loss {train_info['final_loss']:.3f}, stopped early: "
           f"{train_info.get('stopped_early')}", flush=True)
@@ -192,11 +201,11 @@ def evaluate(args, data: Path, model_dir: Path) -> dict:
     zero_shot = zero_shot_metrics(args, data, adapter, rows)
     print("zero-shot on the test split: " + ", ".join(f"{k} {v:.3f}" for k, v in zero_shot.items()
                                                        if isinstance(v, float)), flush=True)
-    config = M2IBConfig(layer=0 if args.layer is None else args.layer, beta=args.beta,
+    config = M2IBConfig(layer=args.layer, beta=args.beta,
                         noise_scale=args.noise_scale, steps=args.steps, samples=args.samples,
                         seed=args.seed, shifts=args.shifts, smooth=args.smooth)
     tuned = None
-    if args.layer is None:
+    if args.tune:
         config, post, tuned = tune_m2ib(args, data, adapter, config, post)
 
     def maps_for(group, prompt):
@@ -455,7 +464,8 @@ def report(r: dict, argv) -> str:
         f"* CLIP: `{s['model']}` with input {t['input_size']} px, arch overrides "
         f"{s['arch'] or 'none (the preset)'}, negatives {s['negatives']}, "
         f"loss {s['loss']}, {s['epochs']} epochs planned, batch {s['batch_size']}, peak lr "
-        f"{s['lr'] if s['lr'] is not None else s.get('lr_default')}, prompt_mix {s['prompt_mix']}; {t['parameters'] / 1e6:.1f} M parameters, "
+        f"{s['lr'] if s['lr'] is not None else s.get('lr_default')}, prompt_mix {s['prompt_mix']}, "
+        f"token-max weight {t.get('token_max_weight', 0.0)}; {t['parameters'] / 1e6:.1f} M parameters, "
         f"amp {t['amp']}, {s['threads']} torch thread(s). Patch grid "
         f"{r['grid'][0]}×{r['grid'][1]}.",
         f"* M2IB: {r['m2ib']}"
