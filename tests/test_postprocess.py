@@ -7,9 +7,10 @@ import pytest
 from mwm.data.io import read_mask
 from mwm.files import write_png
 from mwm.localize.postprocess import (
-    PostprocessConfig, anchor_at_half, as_unit_saliency, binarize, binarize_level, component_boxes, connected_components,
-    expand_boxes, expanded_boxes, fill_holes, keep_largest_components, kmeans_1d, otsu_level,
-    postprocess, postprocess_folder, scale_box)
+    PostprocessConfig, anchor_at_half, binarize, binarize_level, kmeans_1d, otsu_level,
+    postprocess, postprocess_folder)
+from mwm.regions import (as_unit_saliency, component_boxes, connected_components, expand_boxes,
+                         expanded_boxes, fill_holes, keep_largest_components, scale_box)
 
 
 def square(shape, x0, y0, x1, y1):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.io import DataError
+from .errors import DataError
 from .files import atomic_path
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .data.io import DataError
+from .errors import DataError
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

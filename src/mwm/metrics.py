@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .localize.postprocess import as_mask, boxes_to_mask, component_boxes
+from .regions import as_mask, boxes_to_mask, component_boxes
 
 METRIC_NAMES = ("dice", "nsd", "precision", "recall", "iou",
                 "box_dice", "box_iou", "box_precision", "box_recall")
@@ -139,7 +139,7 @@ def surface_distances(pred: Any, gt: Any, spacing: Sequence[float] = (1.0, 1.0)
     counterpart is empty gets ``inf`` distances.
     """
     p, g = _pair(pred, gt)
-    spacing = _check_spacing(spacing)
+    spacing = check_spacing(spacing)
     bp, bg = boundary(p), boundary(g)
     if not bp.any() or not bg.any():
         return (np.full(int(bp.sum()), np.inf), np.full(int(bg.sum()), np.inf))
@@ -191,7 +191,7 @@ def hausdorff95(pred: Any, gt: Any, spacing: Sequence[float] = (1.0, 1.0),
     return float(max(np.percentile(d_pg, percentile), np.percentile(d_gp, percentile)))
 
 
-def _check_spacing(spacing: Sequence[float]) -> tuple[float, float]:
+def check_spacing(spacing: Sequence[float]) -> tuple[float, float]:
     values = tuple(float(s) for s in spacing)
     if len(values) != 2 or not all(np.isfinite(v) and v > 0 for v in values):
         raise ValueError(f"spacing must be two positive numbers (row, column), got {spacing!r}")

@@ -31,7 +31,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..data.io import DataError, is_image_file, read_image, to_model_input
+from ..errors import DataError
+
+from ..data.io import is_image_file, read_image, to_model_input
 
 NO_FINDING_LABELS = ("", "none", "normal", "healthy", "no finding", "no lesion")
 

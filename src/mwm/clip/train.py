@@ -32,8 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..localize.hub import ModelUnavailableError
-from ..data.io import DataError
+from ..errors import DataError, ModelLoadError
 from ..files import atomic_path, write_csv, write_json
 from .data import CaptionPair, augment_batch, is_finding, load_images, read_pairs
 from .losses import LOSSES, contrastive_loss, same_caption_matrix
@@ -84,10 +83,6 @@ SCRATCH_TOKEN_MAX_WEIGHT = 1.0
 
 #: Optional architecture keys every preset accepts (their open_clip defaults).
 ARCH_DEFAULTS: dict[str, Any] = {"pool_type": "tok", "pos_embed_type": "learnable"}
-
-
-class ModelLoadError(ModelUnavailableError):
-    """A model (config or weights) cannot be loaded; the message says how to provide it."""
 
 
 @dataclass

@@ -15,7 +15,8 @@ import numpy as np
 
 from ..files import write_csv, write_json
 from ..progress import progress as progress_bar
-from .io import DataError, read_mask, read_slice
+from ..errors import DataError
+from .io import read_mask, read_slice
 from .layouts import Sample, load_prompts, open_dataset, prompt_for
 
 ROW_FIELDS = ("name", "path", "width", "height", "kind", "min", "max", "label", "split",

@@ -27,6 +27,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..errors import DataError
+
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -35,10 +37,6 @@ IMAGE_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES
 AXIS_LETTERS = "xyz"
 NORMALIZATIONS = ("auto", "dtype", "percentile", "minmax")
 PERCENTILES = (0.5, 99.5)
-
-
-class DataError(ValueError):
-    """Bad input data. The message names the file and says what to do."""
 
 
 def suffix_of(path: str | os.PathLike) -> str:

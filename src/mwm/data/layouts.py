@@ -25,7 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from .io import DataError, SliceRef, is_image_file, list_image_files, list_slices, stem_of
+from ..errors import DataError
+from .io import SliceRef, is_image_file, list_image_files, list_slices, stem_of
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("image", "label", "mask", "prompt", "split")

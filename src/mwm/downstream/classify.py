@@ -86,7 +86,9 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from ..data.io import DataError, read_slice, to_model_input
+from ..errors import DataError
+
+from ..data.io import read_slice, to_model_input
 from ..pretrain.export import key_problems
 from ..data.layouts import Sample, open_dataset
 from .. import checkpoint

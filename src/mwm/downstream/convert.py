@@ -40,7 +40,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..data.io import DataError
+from ..errors import DataError
 from ..files import atomic_path
 from ..pretrain.export import key_problems
 

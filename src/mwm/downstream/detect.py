@@ -57,7 +57,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..data.io import DataError, SliceRef, read_slice, to_model_input
+from ..errors import DataError
+
+from ..data.io import SliceRef, read_slice, to_model_input
 from .. import checkpoint as checkpoint_io
 from ..files import write_csv, write_json, write_png
 from ..utils import AMP_CHOICES, backward_step

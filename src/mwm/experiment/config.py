@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import load_yaml
-from ..data.io import DataError
+from ..errors import DataError
 
 MASKINGS = ("none", "random", "region", "budget", "soft")
 REGION_MASKINGS = ("region", "budget", "soft")  # the maskings that read regions

@@ -21,7 +21,7 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..data.io import DataError
+from ..errors import DataError
 from ..files import read_json_or_none, write_json
 from .config import ExperimentConfig
 

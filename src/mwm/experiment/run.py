@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.io import DataError
+from ..errors import DataError
 from ..files import read_json_or_none, write_json
 from .config import REGION_MASKINGS, ExperimentConfig, Strategy
 from .prepare import Prepared, prepare

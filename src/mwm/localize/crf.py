@@ -40,7 +40,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .postprocess import as_unit_saliency
+from ..regions import as_unit_saliency
 
 #: Where the unary's 0.5 sits: the raw map, or the postprocessing's binarization cut.
 ANCHORS = ("map", "binarization")

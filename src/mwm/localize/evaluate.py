@@ -46,13 +46,14 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
     (``{name: {"mean", "std"}}``), ``extra_predictions``, ``tolerance_px``, ``spacing``
     and ``conventions``.
     """
-    from ..data.io import DataError, list_image_files, read_mask
+    from ..errors import DataError
+    from ..data.io import list_image_files, read_mask
     from ..data.layouts import expand_slices, find_images
     from ..files import write_csv, write_json
     from ..progress import progress as progress_bar
-    from ..metrics import _check_spacing
+    from ..metrics import check_spacing
 
-    spacing = _check_spacing(spacing)
+    spacing = check_spacing(spacing)
     if not math.isfinite(float(tolerance_px)) or float(tolerance_px) < 0:
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance_px}")
     gts = find_images(gt_dir)

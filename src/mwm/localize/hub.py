@@ -7,16 +7,12 @@ model and says how to provide the weights.
 
 from __future__ import annotations
 
-from ..data.io import DataError
+from ..errors import ModelUnavailableError
 
 
 # Defaults live here (no torch import) so that `mwm --help` stays fast.
 DEFAULT_VLM = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 DEFAULT_SAM = "facebook/sam-vit-base"
-
-
-class ModelUnavailableError(DataError):
-    """Pretrained weights are not available here; the message says how to provide them."""
 
 
 def model_unavailable(name: str, err: BaseException | None = None) -> ModelUnavailableError:

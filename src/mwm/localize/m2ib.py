@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data.io import DataError
+from ..errors import DataError
 from .vlm import VLMAdapter
 
 STD_EPS = 1e-6

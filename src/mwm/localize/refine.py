@@ -16,13 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.io import DataError, read_mask, read_slice
+from ..errors import DataError
+
+from ..data.io import read_mask, read_slice
 from ..data.layouts import find_images
 from ..files import safe_child, write_png
 from ..progress import progress as progress_bar
 from .crf import image_to_rgb8
 from .hub import DEFAULT_SAM
-from .postprocess import component_boxes, keep_largest_components
+from ..regions import component_boxes, keep_largest_components
 
 
 

@@ -22,7 +22,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..data.io import DataError, read_slice, to_model_input
+from ..errors import DataError
+
+from ..data.io import read_slice, to_model_input
 from ..data.layouts import Sample
 from ..files import read_png_text, safe_child, write_png
 from ..progress import progress as progress_bar

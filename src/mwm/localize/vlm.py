@@ -60,8 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.io import DataError
-from .hub import DEFAULT_VLM, ModelUnavailableError, model_unavailable
+from ..errors import DataError, ModelUnavailableError
+from .hub import DEFAULT_VLM, model_unavailable
 
 DEFAULT_MODEL = DEFAULT_VLM
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..data.io import DataError, read_mask, read_slice, to_model_input
+from ..errors import DataError
+
+from ..data.io import read_mask, read_slice, to_model_input
 from ..data.layouts import Sample
 
 

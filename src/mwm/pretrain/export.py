@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..data.io import DataError
+from ..errors import DataError
 
 __all__ = ["export_encoder", "load_encoder", "read_metadata", "FORMAT"]
 

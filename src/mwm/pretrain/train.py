@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from ..data.io import DataError
+from ..errors import DataError
 from ..data.layouts import open_dataset
 from .. import checkpoint
 from ..files import write_text
