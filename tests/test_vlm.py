@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import vlm_fixtures as vf  # noqa: E402
 from mwm.data.io import DataError  # noqa: E402
 from mwm.localize.vlm import (DEFAULT_MODEL, Geometry, ModelUnavailableError,  # noqa: E402
-                              VLMAdapter, load_vlm)
+                              VLMAdapter, load_vlm, wrap_hf_clip, wrap_open_clip)
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +252,6 @@ def test_remote_code_needs_explicit_permission(tmp_path):
 
 def test_from_builders_reject_unsupported():
     with pytest.raises(DataError):
-        VLMAdapter.from_open_clip(torch.nn.Linear(2, 2), lambda p: p)
+        wrap_open_clip(torch.nn.Linear(2, 2), lambda p: p)
     with pytest.raises(DataError):
-        VLMAdapter.from_hf_clip(torch.nn.Linear(2, 2), lambda p: p)
+        wrap_hf_clip(torch.nn.Linear(2, 2), lambda p: p)

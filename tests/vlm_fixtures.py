@@ -126,10 +126,10 @@ def build_tiny_open_clip_model(*, trunk: str = "timm", text: str = "builtin", im
 
 def build_tiny_open_clip(**kwargs):
     """A ``VLMAdapter`` over :func:`build_tiny_open_clip_model` (same keyword arguments)."""
-    from mwm.localize.vlm import VLMAdapter
+    from mwm.localize.vlm import wrap_open_clip
 
     model, tokenizer, preprocess = build_tiny_open_clip_model(**kwargs)
-    return VLMAdapter.from_open_clip(model, tokenizer, preprocess, name="tiny-open-clip")
+    return wrap_open_clip(model, tokenizer, preprocess, name="tiny-open-clip")
 
 
 def write_open_clip_dir(path: str | Path, *, trunk: str = "native", text: str = "builtin",
@@ -204,12 +204,12 @@ def build_tiny_hf_clip(*, seed: int = 0, workdir: str | Path | None = None, **kw
     """A ``VLMAdapter`` over a tiny random-weight transformers ``CLIPModel``."""
     from transformers import CLIPModel
 
-    from mwm.localize.vlm import VLMAdapter
+    from mwm.localize.vlm import wrap_hf_clip
 
     torch.manual_seed(seed)
     model = CLIPModel(tiny_clip_config(**kwargs)).eval()
     tok = write_clip_tokenizer(Path(workdir or tempfile.mkdtemp(prefix="mwm-cliptok-")) / "tok")
-    return VLMAdapter.from_hf_clip(model, tok, name="tiny-hf-clip")
+    return wrap_hf_clip(model, tok, name="tiny-hf-clip")
 
 
 def write_hf_clip_dir(path: str | Path, *, seed: int = 0, **kwargs) -> Path:
@@ -246,7 +246,7 @@ def build_biomedclip_random(workdir: str | Path | None = None, seed: int = 0):
     """The full BiomedCLIP architecture with random weights (196 M parameters) as an adapter."""
     import open_clip
 
-    from mwm.localize.vlm import VLMAdapter
+    from mwm.localize.vlm import wrap_open_clip
 
     work = Path(workdir or tempfile.mkdtemp(prefix="mwm-biomedclip-"))
     write_bert_dir(work, hidden=768, layers=12, heads=12, vocab_size=30522, max_positions=512,
@@ -255,4 +255,4 @@ def build_biomedclip_random(workdir: str | Path | None = None, seed: int = 0):
     torch.manual_seed(seed)
     model = open_clip.create_model("local-dir:" + str(work), pretrained_text=False)
     tokenizer = open_clip.get_tokenizer("local-dir:" + str(work))
-    return VLMAdapter.from_open_clip(model, tokenizer, name="biomedclip-random")
+    return wrap_open_clip(model, tokenizer, name="biomedclip-random")

@@ -229,7 +229,9 @@ def _source_config(name: str) -> tuple[dict, dict]:
 
 
 def _load_hint(model: str, err: Exception, pretrained: str | None = None) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    from ..localize.hub import hub_offline
+
+    offline = hub_offline()
     msg = f"cannot load model {model!r} ({type(err).__name__}: {err})."
     repo = None
     if model.startswith("hf-hub:"):
