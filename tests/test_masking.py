@@ -214,3 +214,80 @@ def test_upsample_cells():
     cells = torch.tensor([[[True, False]]])
     pixels = upsample_cells(cells, 2)
     assert pixels.shape == (1, 2, 4) and pixels[0, :, :2].all() and not pixels[0, :, 2:].any()
+
+
+# --------------------------------------------------------------------------- the specification
+
+def _salient_patterns():
+    """A batch covering empty, partial and full regions on a 4x4 grid."""
+    salient = torch.zeros(5, 4, 4, dtype=torch.bool)
+    salient[1, 0, 0] = True
+    salient[2, :2, :3] = True
+    salient[3, 1:, 1:] = True
+    salient[4] = True
+    return salient
+
+
+def _frequencies(sample, draws: int) -> torch.Tensor:
+    return torch.stack([sample(seed).float() for seed in range(draws)]).mean(0)
+
+
+def test_reference_and_fast_region_masks_agree():
+    """Same exact per-image counts, and the same per-cell probabilities (each cell of a
+    group is masked with probability k / n for its group), fast path and specification."""
+    from mwm.masking import reference_region_masks
+
+    salient = _salient_patterns()
+    args = (0.8, 0.4)
+    fast = lambda seed: masks_from_salient_cells(salient, *args, empty_ratio=0.6,  # noqa: E731
+                                                 generator=gen(seed)).masked_bhw
+    spec = lambda seed: reference_region_masks(salient, *args, empty_ratio=0.6,  # noqa: E731
+                                               generator=gen(seed))
+    for seed in range(20):
+        a, b = fast(seed), spec(seed)
+        assert torch.equal((a & salient).flatten(1).sum(1), (b & salient).flatten(1).sum(1))
+        assert torch.equal((a & ~salient).flatten(1).sum(1), (b & ~salient).flatten(1).sum(1))
+    draws = 3000
+    p_fast, p_spec = _frequencies(fast, draws), _frequencies(spec, draws)
+    # the exact probability of each cell, from its group's size and count
+    expected = torch.empty(salient.shape)
+    for i, image in enumerate(salient):
+        n = int(image.sum())
+        k_s, k_b = (round(n * 0.8 + 1e-9), round((16 - n) * 0.4 + 1e-9)) if n else (0, round(9.6))
+        expected[i][image] = k_s / max(n, 1)
+        expected[i][~image] = k_b / (16 - n) if n < 16 else 0.0
+    tolerance = 4 * (0.25 / draws) ** 0.5  # four binomial standard errors at p = 0.5
+    assert (p_fast - expected).abs().max() < tolerance
+    assert (p_spec - expected).abs().max() < tolerance
+
+
+def test_reference_and_fast_random_masks_agree():
+    from mwm.masking import reference_random_masks
+
+    fast = lambda seed: random_masks(3, (5, 5), 0.6, generator=gen(seed)).masked_bhw  # noqa: E731
+    spec = lambda seed: reference_random_masks(3, (5, 5), 0.6, generator=gen(seed))  # noqa: E731
+    assert all(fast(s).flatten(1).sum(1).tolist() == spec(s).flatten(1).sum(1).tolist() == [15] * 3
+               for s in range(10))
+    draws = 2000
+    tolerance = 4 * (0.25 / draws) ** 0.5
+    assert (_frequencies(fast, draws) - 0.6).abs().max() < tolerance
+    assert (_frequencies(spec, draws) - 0.6).abs().max() < tolerance
+
+
+def test_registry_describes_every_strategy():
+    from mwm.masking import MASKINGS, MaskingParams, default_masking
+
+    assert set(MASKINGS.names()) >= {"random", "region", "budget", "soft"}
+    regions = box_regions(2, 64, [(0, 32, 0, 32), (10, 20, 10, 60)])
+    params = MaskingParams()
+    for strategy in MASKINGS:
+        assert strategy.help and set(strategy.params) <= set(MaskingParams.__dataclass_fields__)
+        source = regions.float() if strategy.continuous else regions
+        masks = strategy.sample(source, 32, params, gen())
+        assert masks.masked_bhw.shape == (2, 2, 2)
+    assert not MASKINGS.get("random").needs_regions and MASKINGS.get("soft").continuous
+    assert default_masking(True) in MASKINGS and default_masking(False) in MASKINGS
+    with pytest.raises(ValueError, match="ratio"):
+        MaskingParams(ratio=1.5)
+    with pytest.raises(ValueError, match="unknown masking strategy 'rand'"):
+        MASKINGS.get("rand")

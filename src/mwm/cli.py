@@ -258,7 +258,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from .runlog import RunManifest
 
     out = _require(args.out, "--out (the run folder)")
-    masking = args.masking or ("region" if args.regions else "random")
+    masking = args.masking
     cfg = PretrainConfig(
         images=args.images, out=out, regions=args.regions, model=args.model,
         input_size=args.input_size, decoder_width=args.decoder_width, masking=masking,
@@ -543,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, default=224, help="pixels, a multiple of 32")
     p.add_argument("--decoder-width", type=int, default=None, help="decoder channels at the "
                    "smallest scale (default: per encoder family)")
-    p.add_argument("--masking", choices=("random", "region", "budget", "soft"), default=None,
+    p.add_argument("--masking", default=None,
                    help="random; region (ratio-salient inside, ratio-background outside); budget "
                    "(exact --ratio overall, salient cells --emphasis times as likely); soft "
                    "(budget weighted by continuous saliency maps given as --regions). "
@@ -680,8 +680,6 @@ def _add(sub, name: str, func: Callable[[argparse.Namespace], int], help_text: s
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv``; a ``--config`` file supplies defaults that flags override."""
-    from .config import config_defaults
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "config", None):
@@ -689,6 +687,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         subparser.set_defaults(**config_defaults(subparser, args.config))
         args = parser.parse_args(argv)
     return args
+
+
+def config_defaults(parser: argparse.ArgumentParser, path: str | Path) -> dict:
+    """Values from ``path`` checked against the options ``parser`` knows."""
+    from .config import load_yaml
+
+    values = load_yaml(path)
+    known = {action.dest: action for action in parser._actions
+             if action.dest not in ("help", "config", "version", argparse.SUPPRESS)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        valid = ", ".join(sorted(k.replace("_", "-") for k in known))
+        raise DataError(f"{path}: unknown option(s) {', '.join(unknown)} for this command. "
+                        f"Valid keys: {valid}.")
+    for key, value in values.items():
+        action = known[key]
+        if action.choices is not None and value not in action.choices:
+            raise DataError(f"{path}: {key} = {value!r} is not one of {list(action.choices)}.")
+        if action.type is not None and value is not None and not isinstance(value, list):
+            try:
+                values[key] = action.type(value)
+            except (TypeError, ValueError) as err:
+                raise DataError(f"{path}: {key} = {value!r}: {err}") from err
+    return values
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:

@@ -6,6 +6,12 @@ cell hides its ``p x p`` pixels. Every sampler here is vectorized over the batch
 Python loop per image, no host-device synchronization) and takes a seeded
 ``torch.Generator`` so the same seed gives the same masks.
 
+**Strategies** are registered by name in :data:`MASKINGS` (the way timm registers
+models): each says whether it needs region masks, whether it reads them as a continuous
+map, which of the :class:`MaskingParams` it uses, and its sampler call. Adding one is one
+function and one :func:`register_masking` decorator here (plus its test and docs); the
+command line, the pretraining config, the experiment and the plots read the registry.
+
 Samplers (all return a :class:`MaskBatch`):
 
 * :func:`random_masks` — exactly ``round(N * ratio)`` masked cells per image.
@@ -15,6 +21,11 @@ Samplers (all return a :class:`MaskBatch`):
 * :func:`budget_masks` — beyond the paper: an exact overall count per image, with salient
   cells ``emphasis`` times as likely to be masked as background cells, from a binary
   region or from a continuous saliency map.
+
+:func:`reference_random_masks` and :func:`reference_region_masks` state the same
+distributions in a few readable lines (noise, a group offset, argsort, as MAE's
+``random_masking`` reads); they are the specification the fast samplers are tested
+against (same counts, same per-cell probabilities).
 
 Counts use round-half-up on ``n * ratio`` computed in float64 with a small tolerance,
 so 5 salient cells at 0.8 mask exactly 4 (the reference's ``floor(n * (1 - r))``
@@ -40,10 +51,14 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .config import check_ranges, opt
+from .registry import Registry
 
 DEFAULT_OCCUPANCY = 0.5
 _ROUND_EPS = 1e-6  # absorbs float error in n * ratio before round-half-up
@@ -340,3 +355,137 @@ def budget_masks(patch: int, ratio: float, emphasis: float, *,
 def upsample_cells(cells_bhw: torch.Tensor, patch: int) -> torch.Tensor:
     """Grid cells (B, gh, gw) → pixels (B, gh*p, gw*p), each cell repeated p x p."""
     return cells_bhw.repeat_interleave(patch, dim=1).repeat_interleave(patch, dim=2)
+
+
+# --------------------------------------------------------------------------- reference
+
+def reference_random_masks(batch: int, grid: tuple[int, int], ratio: float, *,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """The specification of :func:`random_masks`: bool (B, gh, gw), ``round(N * ratio)``
+    cells per image, every set of that size equally likely."""
+    n_cells = grid[0] * grid[1]
+    noise_bn = torch.rand(batch, n_cells, generator=generator)
+    rank_bn = noise_bn.argsort(dim=1).argsort(dim=1)          # each cell's place in the order
+    return (rank_bn < _count(n_cells, ratio)).view(batch, *grid)
+
+
+def reference_region_masks(salient_bhw: torch.Tensor, ratio_salient: float,
+                           ratio_background: float, *, empty_ratio: float | None = None,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """The specification of :func:`masks_from_salient_cells`: bool (B, gh, gw).
+
+    Noise in [0, 1) minus 1 for salient cells puts them first in a random order, then the
+    background cells in a random order; the first ``round(n * ratio_salient)`` salient
+    and the first ``round((N - n) * ratio_background)`` background cells are masked (an
+    image without salient cells: the first ``round(N * empty_ratio)``).
+    """
+    fallback = ratio_background if empty_ratio is None else empty_ratio
+    batch, gh, gw = salient_bhw.shape
+    salient_bn = salient_bhw.reshape(batch, -1).bool()
+    n_cells = salient_bn.shape[1]
+    noise_bn = torch.rand(batch, n_cells, generator=generator) - salient_bn.float()
+    rank_bn = noise_bn.argsort(dim=1).argsort(dim=1)
+    masked = []
+    for rank_n, n_salient in zip(rank_bn, salient_bn.sum(1).tolist()):
+        k_salient = _count(n_salient, ratio_salient)
+        k_background = _count(n_cells - n_salient, ratio_background) if n_salient else \
+            _count(n_cells, fallback)
+        masked.append((rank_n < k_salient)
+                      | ((rank_n >= n_salient) & (rank_n < n_salient + k_background)))
+    return torch.stack(masked).view(batch, gh, gw)
+
+
+# --------------------------------------------------------------------------- registry
+
+@dataclass(kw_only=True)
+class MaskingParams:
+    """Every masking parameter with its default and range; each strategy reads some."""
+
+    ratio: float = opt(0.6, "overall mask ratio (random, budget, soft)", low=0.0, high=1.0)
+    ratio_salient: float = opt(0.8, "mask ratio inside the region (region)", low=0.0, high=1.0)
+    ratio_background: float = opt(0.4, "mask ratio outside the region (region)", low=0.0,
+                                  high=1.0)
+    emphasis: float = opt(3.0, "budget/soft: how many times as likely a salient cell is "
+                          "masked as a background cell", above=0.0)
+    occupancy: float = opt(DEFAULT_OCCUPANCY, "fraction of a cell the region must cover to "
+                           "make it salient", low=0.0, high=1.0)
+    empty_ratio: float | None = opt(None, "region: ratio for images with an empty region "
+                                    "(default: --ratio-background)", low=0.0, high=1.0)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+Sampler = Callable[[torch.Tensor, int, MaskingParams, "torch.Generator | None"], MaskBatch]
+
+
+@dataclass(frozen=True)
+class MaskingStrategy:
+    """A registered masking strategy.
+
+    ``sample(regions_bhw, patch, params, generator)``: the masks of a batch whose region
+    masks (bool, or float saliency in [0, 1] when ``continuous``) are ``regions_bhw`` at
+    the input size; ``patch`` is the mask cell size in pixels. ``needs_regions``: the
+    strategy reads region masks; ``params``: the :class:`MaskingParams` fields it uses.
+    """
+
+    name: str
+    sample: Sampler
+    params: tuple[str, ...]
+    needs_regions: bool
+    continuous: bool
+    help: str
+
+
+MASKINGS: Registry[MaskingStrategy] = Registry("masking strategy")
+
+
+def register_masking(name: str, *, params: tuple[str, ...], needs_regions: bool,
+                     continuous: bool = False, help: str) -> Callable[[Sampler], Sampler]:
+    """Register the decorated sampler as the masking strategy ``name``."""
+    unknown = set(params) - {f for f in MaskingParams.__dataclass_fields__}
+    if unknown:
+        raise ValueError(f"masking {name!r}: unknown parameter(s) {sorted(unknown)}")
+
+    def decorate(sample: Sampler) -> Sampler:
+        MASKINGS.register(name, MaskingStrategy(name, sample, tuple(params), needs_regions,
+                                                continuous, help))
+        return sample
+    return decorate
+
+
+def default_masking(has_regions: bool) -> str:
+    """The strategy used when none is named: region-aware with regions, else random."""
+    return "region" if has_regions else "random"
+
+
+@register_masking("random", params=("ratio",), needs_regions=False,
+                  help="exactly --ratio of the cells, uniformly (SparK)")
+def _sample_random(regions_bhw, patch, params, generator):
+    grid = grid_shape(regions_bhw.shape[1], regions_bhw.shape[2], patch)
+    return random_masks(regions_bhw.shape[0], grid, params.ratio, generator=generator,
+                        device=regions_bhw.device)
+
+
+@register_masking("region", params=("ratio_salient", "ratio_background", "occupancy",
+                                    "empty_ratio"), needs_regions=True,
+                  help="--ratio-salient of the region's cells, --ratio-background of the rest")
+def _sample_region(regions_bhw, patch, params, generator):
+    return region_masks(regions_bhw, patch, params.ratio_salient, params.ratio_background,
+                        threshold=params.occupancy, empty_ratio=params.empty_ratio,
+                        generator=generator)
+
+
+@register_masking("budget", params=("ratio", "emphasis", "occupancy"), needs_regions=True,
+                  help="exactly --ratio overall, salient cells --emphasis times as likely")
+def _sample_budget(regions_bhw, patch, params, generator):
+    return budget_masks(patch, params.ratio, params.emphasis, regions_bhw=regions_bhw,
+                        threshold=params.occupancy, generator=generator)
+
+
+@register_masking("soft", params=("ratio", "emphasis", "occupancy"), needs_regions=True,
+                  continuous=True, help="budget weighted by continuous saliency maps given "
+                  "as --regions")
+def _sample_soft(regions_bhw, patch, params, generator):
+    return budget_masks(patch, params.ratio, params.emphasis, saliency_bhw=regions_bhw.float(),
+                        threshold=params.occupancy, generator=generator)

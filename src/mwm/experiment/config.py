@@ -33,17 +33,19 @@ from typing import Any
 
 from ..config import load_yaml
 from ..errors import DataError
+from ..masking import MASKINGS, MaskingParams
 
-MASKINGS = ("none", "random", "region", "budget", "soft")
-REGION_MASKINGS = ("region", "budget", "soft")  # the maskings that read regions
+#: A strategy without pretraining (the encoder's random initialization), beside the
+#: registered masking strategies (:data:`mwm.masking.MASKINGS`).
+NO_PRETRAINING = "none"
 # Where a strategy's regions come from: the prompt's localized masks, the dataset's own
 # masks (an upper bound on what localization can give), or the continuous saliency maps.
 REGION_SOURCES = ("localized", "ground_truth", "saliency")
-STRATEGY_KEYS = {"name", "masking", "ratio", "ratio_salient", "ratio_background", "emphasis",
-                 "occupancy", "regions"}
+MASKING_PARAMS = {f.name for f in dataclasses.fields(MaskingParams)}
+STRATEGY_KEYS = {"name", "masking", "regions"} | MASKING_PARAMS
 # Pretraining / evaluation keys a strategy or cell sets itself, so the file may not.
-CELL_OWNED = {"images", "regions", "out", "masking", "ratio", "ratio_salient", "ratio_background",
-              "emphasis", "occupancy", "seed", "resume", "quiet", "data", "weights", "device"}
+CELL_OWNED = {"images", "regions", "out", "masking", "seed", "resume", "quiet", "data", "weights",
+              "device"} | MASKING_PARAMS
 
 
 @dataclass
@@ -55,7 +57,11 @@ class Strategy:
 
     @property
     def pretrains(self) -> bool:
-        return self.masking != "none"
+        return self.masking != NO_PRETRAINING
+
+    @property
+    def reads_regions(self) -> bool:
+        return self.pretrains and MASKINGS.get(self.masking).needs_regions
 
 
 @dataclass
@@ -71,8 +77,7 @@ class ExperimentConfig:
     source: str = "<code>"
 
     def needs_localization(self) -> bool:
-        return any(s.masking in REGION_MASKINGS and s.regions != "ground_truth"
-                   for s in self.strategies)
+        return any(s.reads_regions and s.regions != "ground_truth" for s in self.strategies)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -134,11 +139,13 @@ def _owned_free(section: dict, source: str, where: str) -> dict:
 def _strategy(item: dict, source: str) -> Strategy:
     _require_mapping(item, source, "strategies[]")
     _check_keys(item, STRATEGY_KEYS, source, f"strategy {item.get('name', '?')}")
+    maskings = (NO_PRETRAINING, *MASKINGS.names())
     if "name" not in item or "masking" not in item:
-        raise DataError(f"{source}: every strategy needs a name and a masking ({MASKINGS}).")
-    if item["masking"] not in MASKINGS:
-        raise DataError(f"{source}: strategy {item['name']}: masking must be one of {MASKINGS}.")
-    regions = item.get("regions", "saliency" if item["masking"] == "soft" else "localized")
+        raise DataError(f"{source}: every strategy needs a name and a masking {maskings}.")
+    if item["masking"] not in maskings:
+        raise DataError(f"{source}: strategy {item['name']}: masking must be one of {maskings}.")
+    continuous = item["masking"] in MASKINGS and MASKINGS.get(item["masking"]).continuous
+    regions = item.get("regions", "saliency" if continuous else "localized")
     if regions not in REGION_SOURCES:
         raise DataError(f"{source}: strategy {item['name']}: regions must be one of {REGION_SOURCES}.")
     name = str(item["name"])

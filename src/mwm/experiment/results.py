@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..files import read_json_or_none, write_bytes, write_csv, write_json, write_text
 from ..report.plots import accuracy_vs_ratio_png
-from .config import REGION_MASKINGS, ExperimentConfig
+from .config import ExperimentConfig
 
 CELL_FIELDS = ("strategy", "masking", "seed", "ratio_overall", "ratio_salient", "ratio_background",
                "pretrain_seconds", "final_loss")
@@ -55,8 +55,8 @@ def strategy_rows(config: ExperimentConfig, cells: list[dict]) -> list[dict]:
     rows = []
     for strategy in config.strategies:
         mine = [c for c in cells if c["strategy"] == strategy.name]
-        row = {"strategy": strategy.name, "masking": strategy.masking,
-               "regions": strategy.regions if strategy.masking in REGION_MASKINGS else "",
+        row = {"strategy": strategy.name, "masking": strategy.masking, "pretrains": strategy.pretrains,
+               "regions": strategy.regions if strategy.reads_regions else "",
                "settings": " ".join(f"{k}={v}" for k, v in strategy.params.items()),
                "n_seeds": len(mine)}
         row["ratio_overall"], _ = mean_std([c["ratio_overall"] for c in mine])

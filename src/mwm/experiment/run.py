@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..files import read_json_or_none, write_json
-from .config import REGION_MASKINGS, ExperimentConfig, Strategy
+from .config import ExperimentConfig, Strategy
 from .prepare import Prepared, prepare
 
 CELL_FILE = "cell.json"
@@ -137,7 +137,7 @@ def _prepared(config, run: Path, shard: Shard, workers: int, quiet: bool, log) -
 
 def cell_fingerprint(config: ExperimentConfig, cell: Cell) -> str:
     regions = None
-    if cell.strategy.masking in REGION_MASKINGS:
+    if cell.strategy.reads_regions:
         regions = (cell.strategy.regions, config.localize, config.data)
     return config.fingerprint(cell.strategy.masking, cell.strategy.params, regions,
                               config.pretrain, config.evaluate, cell.seed, config.data)
@@ -176,7 +176,7 @@ def _pretrain(config, cell: Cell, out: Path, prepared: Prepared, device: str, wo
     from ..pretrain.train import PretrainConfig, pretrain
 
     strategy = cell.strategy
-    regions = (str(prepared.regions_for(strategy.regions)) if strategy.masking in REGION_MASKINGS
+    regions = (str(prepared.regions_for(strategy.regions)) if strategy.reads_regions
                else None)
     settings = {"workers": workers, **config.pretrain}
     summary = pretrain(PretrainConfig(images=str(prepared.data), out=str(out), regions=regions,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import math
 import os
 import time
@@ -35,69 +34,16 @@ from ..errors import DataError
 from ..data.layouts import open_dataset
 from .. import checkpoint
 from ..files import write_text
-from ..masking import budget_masks, random_masks, region_masks
 from ..progress import progress as progress_bar
-from ..utils import AMP_CHOICES, end_distributed, resolve_amp
+from ..utils import end_distributed, resolve_amp
+from .config import PretrainConfig
 from .data import Augment, RegionImageDataset, dataset_stats
 from .optim import apply_schedule, build_optimizer, lr_at, peak_lr, wd_at
 
-MASKINGS = ("random", "region", "budget", "soft")
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.csv"
 LOG_FIELDS = ("step", "epoch", "loss", "lr", "wd", "ratio_overall", "ratio_salient",
               "ratio_background", "empty_fraction", "images_per_s")
-
-
-@dataclass
-class PretrainConfig:
-    images: str
-    out: str
-    regions: str | None = None
-    model: str = "resnet50"
-    input_size: int = 224
-    decoder_width: int | None = None
-    masking: str = "region"
-    ratio: float = 0.6
-    ratio_salient: float = 0.8
-    ratio_background: float = 0.4
-    emphasis: float = 3.0
-    occupancy: float = 0.5
-    empty_ratio: float | None = None
-    epochs: int = 100
-    batch_size: int = 32
-    accumulate: int = 1
-    lr: float | None = None
-    base_lr: float = 2e-4
-    warmup_epochs: float = 5.0
-    optimizer: str = "lamb"
-    wd: float = 0.04
-    wd_end: float = 0.2
-    clip: float | None = 5.0
-    amp: str = "auto"
-    channels_last: bool = True
-    norm_pix_loss: bool = True
-    sync_bn: bool = False
-    seed: int = 0
-    workers: int = 2
-    device: str = "auto"
-    checkpoint_every: int = 200
-    log_every: int = 10
-    resume: str | None = None
-    stat_images: int = 1000
-    max_steps: int | None = None  # stop early (time-boxed runs and tests); resumable
-    quiet: bool = False
-
-    def __post_init__(self) -> None:
-        if self.masking not in MASKINGS:
-            raise ValueError(f"masking must be one of {MASKINGS}, got {self.masking!r}")
-        if self.masking in ("region", "budget", "soft") and not self.regions:
-            raise DataError(f"--masking {self.masking} needs region masks: pass --regions DIR "
-                            "(or use --masking random).")
-        if self.amp not in AMP_CHOICES:
-            raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -142,19 +88,7 @@ def sample_masks(cfg: PretrainConfig, regions_bhw: torch.Tensor, patch: int, ste
     """Masks for one micro-batch, seeded by (seed, step, rank): resumable and per-rank distinct."""
     generator = torch.Generator(device=regions_bhw.device)
     generator.manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + rank)
-    if cfg.masking == "random":
-        grid = (regions_bhw.shape[1] // patch, regions_bhw.shape[2] // patch)
-        return random_masks(regions_bhw.shape[0], grid, cfg.ratio, generator=generator,
-                            device=regions_bhw.device)
-    if cfg.masking == "region":
-        return region_masks(regions_bhw, patch, cfg.ratio_salient, cfg.ratio_background,
-                            threshold=cfg.occupancy, empty_ratio=cfg.empty_ratio,
-                            generator=generator)
-    if cfg.masking == "budget":
-        return budget_masks(patch, cfg.ratio, cfg.emphasis, regions_bhw=regions_bhw,
-                            threshold=cfg.occupancy, generator=generator)
-    return budget_masks(patch, cfg.ratio, cfg.emphasis, saliency_bhw=regions_bhw.float(),
-                        threshold=cfg.occupancy, generator=generator)
+    return cfg.strategy.sample(regions_bhw, patch, cfg, generator)
 
 
 # --------------------------------------------------------------------------- data order
@@ -234,7 +168,7 @@ class Trainer:
         data = open_dataset(cfg.images, cfg.regions, require_masks=cfg.regions is not None)
         samples = [s for s in data.samples if s.split in (None, "train")]
         dataset = RegionImageDataset(samples, cfg.input_size, augment=Augment(), seed=cfg.seed,
-                                     continuous=cfg.masking == "soft")
+                                     continuous=cfg.strategy.continuous)
         if self.checkpoint is not None:
             mean, std = self.checkpoint["mean"], self.checkpoint["std"]
         else:

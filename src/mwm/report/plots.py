@@ -27,7 +27,7 @@ def _png(fig) -> bytes:
 def accuracy_vs_ratio_png(results: dict) -> bytes:
     """Accuracy (mean ± std over seeds) against the realized overall mask ratio.
 
-    One point per strategy: circles random masking, squares localized regions,
+    One point per strategy: circles masking without regions, squares localized regions,
     triangles other region sources (ground truth, saliency); a dashed line for strategies
     without pretraining.
     """
@@ -39,10 +39,10 @@ def accuracy_vs_ratio_png(results: dict) -> bytes:
             mean, std = row[f"{e}_mean"], row[f"{e}_std"]
             if math.isnan(mean):
                 continue
-            if row["masking"] == "none":
+            if not row.get("pretrains", True):
                 ax.axhline(mean, color="gray", linestyle="--", label=f"{row['strategy']} (no pretraining)")
                 continue
-            marker = "o" if row["masking"] == "random" else ("s" if row["regions"] == "localized" else "^")
+            marker = "o" if not row["regions"] else ("s" if row["regions"] == "localized" else "^")
             ax.errorbar(row["ratio_overall"], mean, yerr=std, fmt=marker, capsize=3,
                         label=row["strategy"])
         ax.set_xlabel("realized overall mask ratio")
