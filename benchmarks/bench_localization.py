@@ -118,8 +118,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from mwm.clip import train_clip
+    from mwm.clip import ClipTrainConfig, train_clip
     from mwm.data.phantoms import generate_phantoms
+    from mwm.runtime import configure_process
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -135,23 +136,22 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()[0]
     if args.threads == "auto":
         args.threads = 1 if load_before > 1.0 else (os.cpu_count() or 1)
-    torch.set_num_threads(int(args.threads))
+    configure_process(threads=int(args.threads))
     arch = json.loads(args.arch) if args.arch else None
-    from mwm.clip.train import PRESET_LR
+    from mwm.clip.model import PRESET_LR
 
     args.lr_default = PRESET_LR.get(args.model, 5e-4)
     if args.reuse_model and (model_dir / "open_clip_model.safetensors").is_file():
         summary = None
         train_info = json.loads((model_dir / "bench_train.json").read_text())
     else:
-        summary = train_clip(data, model_dir, model=args.model, loss=args.loss,
-                             negatives=args.negatives,
-                             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                             input_size=args.input_size, arch=arch,
-                             seed=args.seed if args.clip_seed is None else args.clip_seed,
-                             prompt_mix=args.prompt_mix, token_max_weight=args.token_max_weight,
-                             progress=False, resume=False,
-                             time_limit=args.budget, threads=int(args.threads))
+        summary = train_clip(ClipTrainConfig(
+            pairs=str(data), out=str(model_dir), model=args.model, loss=args.loss,
+            negatives=args.negatives, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            input_size=args.input_size, arch=arch,
+            seed=args.seed if args.clip_seed is None else args.clip_seed,
+            prompt_mix=args.prompt_mix, token_max_weight=args.token_max_weight,
+            quiet=True, resume=False, time_limit=args.budget))
         train_info = {k: v for k, v in summary.as_dict().items() if k != "log"}
         train_info["log"] = summary.log
         train_info["load_average_1min_before"] = load_before

@@ -9,6 +9,12 @@ import time  # noqa: E402
 
 import pytest  # noqa: E402
 
+from mwm.runtime import configure_process  # noqa: E402
+
+# What the `mwm` command sets once per process (flush denormals), so that library calls
+# in tests run as they do under the command.
+configure_process()
+
 
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from mwm.data.io import DataError
-from mwm.downstream.classify import (FinetuneConfig, build_optimizer, finetune, layer_groups,
+from mwm.downstream.full_finetune import finetune_optimizer, layer_groups
+from mwm.downstream.classify import (FinetuneConfig, finetune,
                                      load_weights, read_weights)
 from mwm.downstream.classify_metrics import binary_auroc, classification_metrics
 
@@ -168,7 +169,7 @@ def test_layer_decay_groups():
     assert ids["conv1.0.weight"] == 0 and ids["layer1.0.conv1.weight"] == 1
     assert ids["layer4.0.conv1.weight"] == 4 and ids["fc.weight"] == 5
     cfg = FinetuneConfig(data="x", out="y", layer_decay=0.5)
-    optimizer, _ = build_optimizer(model, cfg)
+    optimizer, _ = finetune_optimizer(model, cfg)
     scales = {g["name"]: g["lr_scale"] for g in optimizer.param_groups}
     assert scales["layer5_decay"] == 1.0 and scales["layer0_decay"] == pytest.approx(0.5 ** 5)
 
@@ -299,13 +300,16 @@ def test_finetune_and_pretrain_use_the_resolver(tmp_path, phantoms, monkeypatch)
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    tuner = Finetuner(_cfg(phantoms, tmp_path / "f", model=ARCH, amp="auto"))
-    trainer = Trainer(PretrainConfig(images=str(phantoms), out=str(tmp_path / "p"), model=ARCH,
-                                     input_size=64, masking="random", amp="auto", device="cpu",
-                                     batch_size=4, workers=0, stat_images=4, quiet=True))
-    assert tuner.amp_dtype is None and trainer.amp_dtype is None  # a CPU without bf16
+    def dtypes():
+        tuner = Finetuner(_cfg(phantoms, tmp_path / "f", model=ARCH, amp="auto"))
+        trainer = Trainer(PretrainConfig(images=str(phantoms), out=str(tmp_path / "p"), model=ARCH,
+                                         input_size=64, masking="random", amp="auto", device="cpu",
+                                         batch_size=4, workers=0, stat_images=4, quiet=True))
+        return tuner.amp_dtype, trainer.engine.amp_dtype
+
+    assert dtypes() == (None, None)  # a CPU without bf16
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    assert tuner.amp_dtype is torch.bfloat16 and trainer.amp_dtype is torch.bfloat16
+    assert dtypes() == (torch.bfloat16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------- torchrun

@@ -13,14 +13,20 @@ import pytest
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
-from mwm.clip import (ModelLoadError, dhn_nce_loss, infonce_loss, load_clip,  # noqa: E402
-                      same_caption_matrix, train_clip)
+from mwm.clip import (ClipTrainConfig, ModelLoadError, dhn_nce_loss, infonce_loss,  # noqa: E402
+                      load_clip, same_caption_matrix)
+from mwm.clip import train_clip as _train_clip  # noqa: E402
 from mwm.clip.data import augment_batch, read_pairs, swap_sides  # noqa: E402
-from mwm.clip.train import (CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME, WEIGHTS_NAME,  # noqa: E402
-                            build_model, lr_at)
+from mwm.clip.model import build_model  # noqa: E402
+from mwm.clip.train import CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME, WEIGHTS_NAME  # noqa: E402
+from mwm.engine import Schedule  # noqa: E402
 from mwm.data.io import DataError  # noqa: E402
 
-TINY = dict(model="scratch-micro", batch_size=8, workers=1, progress=False, seed=0)
+TINY = dict(model="scratch-micro", batch_size=8, workers=1, quiet=True, seed=0)
+
+
+def train_clip(pairs, out, **settings):
+    return _train_clip(ClipTrainConfig(pairs=str(pairs), out=str(out), **settings))
 
 
 @pytest.fixture(scope="module")
@@ -219,10 +225,11 @@ def test_hub_model_offline_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_lr_schedule():
-    assert lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
-    assert lr_at(9, 100, 1.0, 10) == pytest.approx(1.0)
-    assert lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
-    assert lr_at(99, 100, 1.0, 10) < 0.01
+    lr_at = Schedule(1.0, 100, 10, shift=1, end=100).lr_at  # CLIP's: peak at the last warm-up step
+    assert lr_at(0) == pytest.approx(0.1)
+    assert lr_at(9) == pytest.approx(1.0)
+    assert lr_at(10) == pytest.approx(1.0)
+    assert lr_at(99) < 0.01
 
 
 # --------------------------------------------------------------------------- training
@@ -329,7 +336,7 @@ def test_scratch_pool_and_position_options():
 
 
 def test_token_max_embedding_is_the_channel_maximum_of_projected_tokens():
-    from mwm.clip.train import encode_image_and_token_max
+    from mwm.clip.model import encode_image_and_token_max
 
     torch.manual_seed(0)
     net = build_model("scratch-micro", arch={"pool_type": "avg"})[0].eval()
@@ -362,5 +369,5 @@ def test_token_max_loss_changes_training_and_is_recorded(phantoms, tmp_path):
     assert "token_max_weight" not in (tmp_path / "a" / CONFIG_NAME).read_text()
     model = open_clip.create_model("local-dir:" + str(tmp_path / "b"))  # a plain open_clip model
     assert model.visual.output_tokens is False
-    with pytest.raises(ValueError, match="token_max_weight"):
+    with pytest.raises(ValueError, match="token.max.weight"):
         train_clip(phantoms, tmp_path / "c", token_max_weight=-1.0, **TINY)

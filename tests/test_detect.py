@@ -13,7 +13,8 @@ pytest.importorskip("pycocotools")
 from mwm.data.io import DataError  # noqa: E402
 from mwm.data.phantoms import generate_phantoms  # noqa: E402
 from mwm.downstream.detect import (DetectConfig, METRIC_NAMES, STAGE_LR_EXPONENTS,  # noqa: E402
-                                   CocoInstances, build_model, detect, param_groups, train_step)
+                                   CocoInstances, build_model, detect, stage_groups, train_step)
+from mwm.engine import Engine  # noqa: E402
 from mwm.pretrain.export import export_encoder  # noqa: E402
 
 SIZE = 64
@@ -115,9 +116,11 @@ def test_bf16_autocast_train_step(phantoms):
         hook = model.backbone.body.layer1[0].conv1.register_forward_hook(
             lambda m, i, o: seen.append(o.dtype))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        engine = Engine(model, optimizer, device=torch.device("cpu"),
+                        amp="bf16" if dtype is torch.bfloat16 else "none")
         before = model.backbone.fpn.layer_blocks[0][0].weight.detach().clone()
         torch.manual_seed(1)
-        losses[dtype] = train_step(model, optimizer, list(images), list(targets), amp_dtype=dtype)
+        losses[dtype] = train_step(engine, list(images), list(targets))
         hook.remove()
         after = model.backbone.fpn.layer_blocks[0][0].weight
         assert after.dtype == torch.float32 and not torch.equal(before, after)
@@ -143,10 +146,11 @@ def test_pretrained_weights_and_mean_reach_the_model(encoder):
     assert torch.equal(body["layer4.1.conv2.weight"], state["layer4.1.conv2.weight"])
     assert model.transform.image_mean == [0.2] * 3
     assert model.transform.min_size == (SIZE,) and model.transform.max_size == SIZE
-    groups = param_groups(model, 1.0, 0.6, 1e-4)
-    exps = {g["lr_exp"] for g in groups}
+    groups = stage_groups(model, 0.6, 1e-4)
+    exps = {int(g["name"].split("_")[0][len("layer"):]) for g in groups}
     assert exps == set(STAGE_LR_EXPONENTS.values()) | {0}
-    assert max(g["lr"] for g in groups) == 1.0
+    assert {g["lr_scale"] for g in groups} == {0.6 ** e for e in exps}
+    assert all(g["weight_decay"] == 1e-4 for g in groups)
 
 
 def test_wrong_weights_are_clear_errors(phantoms, encoder, tmp_path):

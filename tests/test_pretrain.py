@@ -77,8 +77,8 @@ def test_resume_errors(phantoms, tmp_path):
 
 def test_explicit_lr_is_honored_and_default_scales(phantoms, tmp_path):
     common = dict(images=str(phantoms), out=str(tmp_path), masking="random", **TINY)
-    assert Trainer(PretrainConfig(lr=0.123, **common)).peak_lr == 0.123
-    assert Trainer(PretrainConfig(base_lr=2e-4, **common)).peak_lr == pytest.approx(2e-4 * 4 / 256)
+    assert Trainer(PretrainConfig(lr=0.123, **common)).engine.schedule.peak == 0.123
+    assert Trainer(PretrainConfig(base_lr=2e-4, **common)).engine.schedule.peak == pytest.approx(2e-4 * 4 / 256)
 
 
 def test_region_masking_needs_regions(phantoms, tmp_path):

@@ -144,19 +144,18 @@ def layers_arg(text: str) -> int | tuple[int, ...]:
 
 
 def cmd_clip(args: argparse.Namespace) -> int:
-    from .clip import train_clip
+    from .clip import ClipTrainConfig, train_clip
     from .runlog import RunManifest
 
     out = _require(args.out, "--out (the model folder)")
     with RunManifest(out, "clip train", _config_of(args), args.seed) as run:
-        summary = train_clip(args.pairs, out, model=args.model, loss=args.loss, epochs=args.epochs,
-                             batch_size=args.batch_size, lr=args.lr, input_size=args.input_size,
-                             pretrained=args.pretrained, seed=args.seed, device=args.device,
-                             workers=args.workers, amp=args.amp, progress=not args.quiet,
-                             prompt_mix=args.prompt_mix, negatives=args.negatives,
-                             token_max_weight=args.token_max_weight,
-                             resume=not args.no_resume,
-                             time_limit=args.time_limit)
+        summary = train_clip(ClipTrainConfig(
+            pairs=args.pairs, out=out, model=args.model, loss=args.loss, epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr, input_size=args.input_size,
+            pretrained=args.pretrained, seed=args.seed, device=args.device, workers=args.workers,
+            amp=args.amp, quiet=args.quiet, prompt_mix=args.prompt_mix, negatives=args.negatives,
+            token_max_weight=args.token_max_weight, resume=not args.no_resume,
+            time_limit=args.time_limit))
         run.add(final_loss=summary.final_loss, steps=summary.steps, seconds=summary.seconds,
                 images_per_second=summary.images_per_second, parameters=summary.parameters)
     loss = "n/a" if summary.final_loss is None else f"{summary.final_loss:.4f}"
@@ -753,6 +752,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().print_help()
         return EXIT_USAGE
     try:
+        if args.command not in ("report", "export", "inspect"):
+            from .runtime import configure_process
+
+            configure_process()
         return args.func(args)
     except DataError as err:
         print(f"mwm {args.command}: error: {err}", file=sys.stderr)

@@ -69,32 +69,3 @@ def resolve_amp(amp: str, device: "torch.device") -> "torch.dtype | None":  # no
         raise ValueError(f"--amp fp16 needs a CUDA GPU (device is {device}); "
                          "use --amp bf16 or none.")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
-
-
-def backward_step(loss: "torch.Tensor", optimizer, scaler=None) -> None:  # noqa: F821
-    """Zero the gradients, back-propagate ``loss`` and step, through the fp16 scaler if any."""
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is None:
-        loss.backward()
-        optimizer.step()
-        return
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-
-
-def end_distributed(finished: bool) -> None:
-    """Leave the process group. After a finished run, a barrier first, so no rank tears its
-    gloo/NCCL connections down while another still uses them (seen as a SIGABRT,
-    "terminate called without an active exception", at the end of a 2-process CPU run).
-    After an error, no barrier: the other ranks may never arrive, and torchrun must see
-    this rank fail."""
-    import torch.distributed as torch_dist
-
-    if not torch_dist.is_initialized():
-        return
-    try:
-        if finished:
-            torch_dist.barrier()
-    finally:
-        torch_dist.destroy_process_group()

@@ -108,7 +108,7 @@ def _vlm_name(config: ExperimentConfig, data: Path, run: Path, quiet: bool, log)
     clip = config.localize.get("clip")
     if clip is None:
         return str(config.localize["model"])
-    from ..clip import train_clip
+    from ..clip import ClipTrainConfig, train_clip
 
     clip_dir, settings = run / "clip", {**PHANTOM_CLIP, **clip}
     stamp = run / "clip_done.json"
@@ -120,7 +120,8 @@ def _vlm_name(config: ExperimentConfig, data: Path, run: Path, quiet: bool, log)
         stamp.unlink()
     options = dict(settings)
     seconds = options.pop("seconds", None)
-    summary = train_clip(data, clip_dir, time_limit=seconds, progress=not quiet, **options)
+    summary = train_clip(ClipTrainConfig(pairs=str(data), out=str(clip_dir), time_limit=seconds,
+                                         quiet=quiet, **options))
     write_json(stamp, settings)
     done = len(summary.log)
     loss = None if summary.final_loss is None else round(summary.final_loss, 3)

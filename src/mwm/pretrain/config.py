@@ -12,6 +12,9 @@ from ..registry import LazyChoices
 from ..utils import AMP_CHOICES
 
 OPTIMIZERS = ("lamb", "adamw")
+#: The encoder and input size every stage uses when none is given (the published setting).
+DEFAULT_ENCODER = "resnet50"
+DEFAULT_INPUT_SIZE = 224
 
 
 @dataclass(kw_only=True)
@@ -24,9 +27,9 @@ class PretrainConfig(MaskingParams):
     regions: str | None = opt(None, "region masks paired with the images by stem (from `mwm "
                               "postprocess`; saliency maps for soft masking); without it "
                               "masking is random", metavar="DIR")
-    model: str = opt("resnet50", "timm encoder (ResNet or ConvNeXt family, e.g. resnet18, "
+    model: str = opt(DEFAULT_ENCODER, "timm encoder (ResNet or ConvNeXt family, e.g. resnet18, "
                      "resnet50, convnext_tiny)")
-    input_size: int = opt(224, "pixels, a multiple of the encoder's stride (32 for ResNet)",
+    input_size: int = opt(DEFAULT_INPUT_SIZE, "pixels, a multiple of the encoder's stride (32 for ResNet)",
                           low=8)
     decoder_width: int | None = opt(None, "decoder channels at the smallest scale (default: "
                                     "per encoder family)", low=8)

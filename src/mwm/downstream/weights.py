@@ -1,0 +1,124 @@
+"""Reading encoder weights of every kind, and loading them strictly into a timm model.
+
+:func:`read_weights` accepts an MWM ``encoder.safetensors``, an MWM pretrain
+``checkpoint.pt`` or its run folder (the encoder is extracted through
+``SparKModel.encoder_state_dict()``), a timm/PyTorch state dict (``.pth``/``.pt``/
+``.bin``/``.safetensors``, optionally nested under ``state_dict``/``model``/``module``,
+``module.`` prefixes stripped) and an MWM fine-tune checkpoint (``best.pt``/``last.pt``).
+Files are read with ``weights_only=True`` or safetensors. :func:`load_weights` is strict
+on the backbone: any missing, unexpected or mis-shaped key outside the classifier head
+raises :class:`~mwm.errors.DataError` naming the keys.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DataError
+from ..pretrain.export import key_problems
+
+FINETUNE_FORMAT = "mwm-finetune"
+LAST, BEST = "last.pt", "best.pt"
+
+
+def _unwrap(state: Any) -> dict:
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataError("not a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _is_pretrain_checkpoint(obj: Any) -> bool:
+    return (isinstance(obj, dict) and isinstance(obj.get("config"), dict)
+            and "masking" in obj["config"] and isinstance(obj.get("model"), dict))
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict, dict, str]:
+    """``(state dict, metadata, kind)`` of a weights file or run folder.
+
+    ``kind``: ``mwm-export``, ``mwm-pretrain``, ``mwm-finetune`` or ``timm``. The metadata
+    may carry ``arch``, ``mean``, ``std``, ``input_size`` (and ``classes`` for fine-tune).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"--weights {path}: no such file or folder.")
+    if path.is_dir():
+        for name in ("encoder.safetensors", "checkpoint.pt", BEST, LAST):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise DataError(f"--weights {path}: the folder holds no encoder.safetensors, "
+                            f"checkpoint.pt, {BEST} or {LAST}.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        from ..pretrain.export import FORMAT as EXPORT_FORMAT, read_metadata
+
+        meta = read_metadata(path)
+        state = load_file(str(path))
+        return state, meta, "mwm-export" if meta.get("format") == EXPORT_FORMAT else "timm"
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle / zip errors of all kinds
+        raise DataError(f"--weights {path}: not a readable PyTorch weights file ({err}).") from err
+    if isinstance(obj, dict) and obj.get("format") == FINETUNE_FORMAT:
+        meta = {k: obj.get(k) for k in ("arch", "mean", "std", "input_size", "classes")}
+        return obj["model"], meta, "mwm-finetune"
+    if _is_pretrain_checkpoint(obj):
+        from ..pretrain.spark import SparKModel
+
+        config = obj["config"]
+        spark = SparKModel(config["model"], input_size=config["input_size"],
+                           decoder_width=config.get("decoder_width"),
+                           norm_pix_loss=config.get("norm_pix_loss", True))
+        try:
+            spark.load_state_dict(obj["model"])
+        except RuntimeError as err:
+            raise DataError(f"--weights {path}: the pretrain checkpoint does not match its own "
+                            f"configuration ({err}).") from err
+        meta = {"arch": obj.get("arch", config["model"]), "mean": obj.get("mean"),
+                "std": obj.get("std"), "input_size": obj.get("input_size", config["input_size"])}
+        return spark.encoder_state_dict(), meta, "mwm-pretrain"
+    try:
+        return _unwrap(obj), {}, "timm"
+    except DataError as err:
+        raise DataError(f"--weights {path}: {err} (expected an MWM export, an MWM checkpoint or "
+                        "a timm state dict, optionally under 'state_dict'/'model'/'module').") from None
+
+
+def load_weights(model: nn.Module, state: dict, *, source: str = "weights",
+                 keep_head: bool = False) -> dict:
+    """Load ``state`` into ``model`` strictly on the backbone; return a key report.
+
+    Head keys in ``state`` are dropped (reported as ``ignored_head_keys``) unless
+    ``keep_head`` and their shapes match. Any other missing / unexpected / mis-shaped
+    key raises :class:`DataError` naming them.
+    """
+    from ..pretrain.export import _classifier_keys
+
+    own = model.state_dict()
+    head = _classifier_keys(model)
+    ignored = [k for k in state if k in head and not (keep_head and k in own
+                                                      and own[k].shape == state[k].shape)]
+    state = {k: v for k, v in state.items() if k not in ignored}
+    parts = key_problems(own, state, may_miss=head.__contains__)
+    if parts:
+        arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+        raise DataError(f"{source}: the weights do not match the encoder {arch!r} — "
+                        + "; ".join(parts) + ". Only the classifier head may differ; pass "
+                        "--model with the architecture the weights were made for.")
+    model.load_state_dict(state, strict=False)
+    head_missing = sorted(k for k in own if k in head and k not in state)
+    return {"loaded": len(state), "missing_head_keys": head_missing,
+            "ignored_head_keys": sorted(ignored)}
+
