@@ -37,7 +37,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from mwm.cli import layers_arg  # noqa: E402
+from mwm.localize.m2ib import parse_layers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -77,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", default="brain tumor")
     p.add_argument("--absent-prompt", default="fractured femur")
     # defaults: the settings chosen on validation images (localization.md)
-    p.add_argument("--layer", type=layers_arg, default=(1, 2),
+    p.add_argument("--layer", type=parse_layers, default=(1, 2),
                    help="M2IB layer, or layers such as 1,2 (maps averaged; default 1,2)")
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--noise-scale", type=float, default=0.5)

@@ -97,6 +97,9 @@ def test_region_strategy_reads_ground_truth_regions(tmp_path):
     ({"reference": "nope"}, "reference"),
     ({"strategies": [{"name": "r", "masking": "region"}]}, "localize.prompt"),
     ({"evaluate": [{"mode": "linear"}]}, "needs a name"),
+    ({"evaluate": [{"name": "x", "task": "segment-3d"}]}, "unknown task"),
+    ({"evaluate": [{"name": "x", "task": "linear-probe", "mode": "finetune"}]}, "fixes mode"),
+    ({"evaluate": [{"name": "x", "task": "detect", "label_smoothing": 0.1}]}, "task detect"),
 ])
 def test_config_errors_name_the_problem(change, message):
     raw = {**TINY, **change}
@@ -128,9 +131,14 @@ def test_torchrun_environment_becomes_a_shard(monkeypatch):
     for name, value in (("RANK", "1"), ("WORLD_SIZE", "3"), ("LOCAL_RANK", "1"),
                         ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
         monkeypatch.setenv(name, value)
-    shard = shard_from(None, "cpu")
+    from mwm.engine import torchrun_env
+    from mwm.experiment.grid import detach_from_torchrun
+
+    shard = shard_from(None, "cpu", torchrun_env())
     assert (shard.index, shard.count, shard.device) == (1, 3, "cpu")
-    # the cells run as single processes: no DDP setup may see torchrun's variables
+    assert "WORLD_SIZE" in os.environ  # the library reads the ranks, it does not change them
+    # the entry point detaches: no DDP setup in a cell may see torchrun's variables
+    detach_from_torchrun()
     assert "WORLD_SIZE" not in os.environ and "RANK" not in os.environ
     with pytest.raises(DataError, match="K/N"):
         shard_from("2", "cpu")
@@ -197,3 +205,25 @@ def test_region_postprocessing_with_crf_reads_the_dataset_images(tmp_path):
     write_png(saliency / "brain-mri_00001.png", np.zeros((20, 20), np.uint8))  # wrong size
     with pytest.raises(DataError, match="brain-mri_00001"):
         _postprocess(config, data, saliency, tmp_path / "regions", 1, True)
+
+
+def test_every_cell_is_scored_on_every_task(tmp_path):
+    """Two tasks of the registry, a linear probe and Mask R-CNN: each cell gets a column of
+    each task's primary metric, and the table names it."""
+    evaluate = [{"name": "probe", "task": "linear-probe", "epochs": 1, "batch_size": 8},
+                {"name": "det", "task": "detect", "model": "resnet18", "max_steps": 1, "input_size": 64,
+                 "roi_batch_size": 16, "rpn_batch_size": 16, "figures": 0, "eval_every": 0}]
+    config = write_config(tmp_path / "exp.yaml", strategies=[TINY["strategies"][0]],
+                          reference=None, evaluate=evaluate)
+    out = tmp_path / "run"
+    assert run(config, out) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["primary"] == {"probe": "accuracy", "det": "segm/AP"}
+    cell = json.loads((out / "cells" / "scratch" / "seed0" / "cell.json").read_text())
+    assert set(cell["evaluations"]) == {"probe", "det"}
+    assert -1.0 <= cell["evaluations"]["det"]["segm/AP"] <= 1.0
+    assert cell["evaluations"]["det"]["epochs"] == 0  # stopped by max_steps inside epoch 1
+    header = (out / "results.md").read_text().splitlines()[0]
+    assert "probe accuracy" in header and "det segm/AP" in header
+    row = next(csv.DictReader(open(out / "cells.csv")))
+    assert "det_bbox/AP50" in row and "probe_balanced_accuracy" in row

@@ -6,7 +6,7 @@ import pytest
 
 from mwm.data.layouts import Sample, find_images
 from mwm.files import read_png_text
-from mwm.localize.run import FINGERPRINT_KEY, localize_samples, model_identity, shard
+from mwm.localize.pipeline import FINGERPRINT_KEY, model_identity, shard, write_maps
 
 
 class CountingSaliency:
@@ -31,7 +31,7 @@ def make_images(folder, n=3, shape=(12, 20)):
 def test_maps_have_image_size_and_fingerprint(tmp_path):
     samples = make_images(tmp_path / "img")
     fn = CountingSaliency()
-    summary = localize_samples(samples, tmp_path / "out", fn, model_id="m", params={"beta": 1},
+    summary = write_maps(samples, tmp_path / "out", fn, model_id="m", params={"beta": 1},
                                progress=False)
     assert (summary.n_written, summary.n_skipped) == (3, 0)
     saved = cv2.imread(str(tmp_path / "out" / "im0.png"), cv2.IMREAD_UNCHANGED)
@@ -42,7 +42,7 @@ def test_maps_have_image_size_and_fingerprint(tmp_path):
 def test_rerun_skips_only_identical_settings(tmp_path):
     samples = make_images(tmp_path / "img")
     fn = CountingSaliency()
-    run = lambda s, **kw: localize_samples(s, tmp_path / "out", fn, progress=False,  # noqa: E731
+    run = lambda s, **kw: write_maps(s, tmp_path / "out", fn, progress=False,  # noqa: E731
                                            **{"model_id": "m", "params": {"beta": 1}, **kw})
     run(samples)
     assert fn.calls == 3
@@ -61,14 +61,14 @@ def test_half_written_or_foreign_file_is_recomputed(tmp_path):
     (tmp_path / "out").mkdir()
     cv2.imwrite(str(tmp_path / "out" / "im0.png"), np.zeros((12, 20), np.uint8))  # no stamp
     fn = CountingSaliency()
-    localize_samples(samples, tmp_path / "out", fn, model_id="m", params={}, progress=False)
+    write_maps(samples, tmp_path / "out", fn, model_id="m", params={}, progress=False)
     assert fn.calls == 1
 
 
 def test_unreadable_image_is_recorded_and_others_go_on(tmp_path):
     samples = make_images(tmp_path / "img", n=2)
     (tmp_path / "img" / "im0.png").write_bytes(b"junk")
-    summary = localize_samples(samples, tmp_path / "out", CountingSaliency(), model_id="m",
+    summary = write_maps(samples, tmp_path / "out", CountingSaliency(), model_id="m",
                                params={}, progress=False)
     assert summary.n_written == 1 and len(summary.failures) == 1
     assert "im0.png" in summary.failures[0]["file"]

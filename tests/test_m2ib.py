@@ -312,7 +312,7 @@ def test_bad_shifts_and_smooth(bad):
 
 
 def test_several_layers_average_the_single_layer_maps(adapter, images):
-    from mwm.cli import layers_arg
+    from mwm.localize.m2ib import parse_layers as layers_arg
 
     one = {k: v for k, v in FAST.items() if k != "layer"}
     maps = {layer: saliency_maps(adapter, images, "tumor", M2IBConfig(layer=layer, **one))

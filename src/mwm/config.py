@@ -27,21 +27,29 @@ def opt(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | 
         choices: Sequence | Callable[[], Sequence] | None = None,
         parse: Callable[[str], Any] | None = None, nargs: int | str | None = None,
         metavar: str | None = None, cli: bool = True, low: float | None = None,
-        high: float | None = None, above: float | None = None) -> Any:
+        high: float | None = None, above: float | None = None, flatten: bool = False) -> Any:
     """A dataclass field with the metadata the command line and the checks read.
 
     ``flag``: the flag (and YAML key) when it is not the field name; ``positional``: a
     positional argument; ``choices``: allowed values (or a function returning them, read
     lazily from a registry); ``parse``: the flag's type; ``cli=False``: not a flag;
     ``low``/``high``: an inclusive range, ``above``: an exclusive lower bound (checked by
-    :func:`check_ranges`; None values are always allowed).
+    :func:`check_ranges`; None values are always allowed); ``flatten``: a field holding
+    another config dataclass whose fields are flags of this one.
     """
     metadata = {"help": help, "flag": flag, "positional": positional, "choices": choices,
                 "parse": parse, "nargs": nargs, "metavar": metavar, "cli": cli,
-                "low": low, "high": high, "above": above}
+                "low": low, "high": high, "above": above, "flatten": flatten}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The declared default of field ``name`` of the config dataclass ``cls``."""
+    f = cls.__dataclass_fields__[name]
+    return f.default_factory() if f.default is MISSING and f.default_factory is not MISSING \
+        else f.default
 
 
 def flag_name(f: dataclasses.Field) -> str:

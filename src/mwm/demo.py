@@ -1,7 +1,8 @@
 """``mwm demo``: the whole pipeline on synthetic phantoms, offline, in one command.
 
-The demo is a small experiment (:mod:`mwm.experiment`) with one seed and three
-strategies, so it leaves exactly the folder layout and report ``mwm experiment`` does:
+The demo is a small experiment (:mod:`mwm.experiment`, the file ``mwm/configs/demo.yaml``)
+with one seed and three strategies, so it leaves exactly the folder layout and report
+``mwm experiment`` does:
 
 1. ``data/``          a phantom dataset (images, lesion masks, captions, prompts);
 2. ``clip/``          a small CLIP trained from scratch on the train split's captions;
@@ -20,59 +21,71 @@ minutes: the demo shows the pipeline end to end, not the method's accuracy (see
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
+from .config import load_yaml, opt
+from .data.phantoms import MODALITIES
 from .experiment import parse_experiment, run_experiment
-from .runlog import RunManifest
 
-# (default, --quick): default fits 15 minutes on a 2-core CPU, quick 3 minutes.
-SIZES = {"n": (400, 64), "size": (128, 96), "clip_seconds": (180.0, 30.0), "clip_epochs": (12, 3),
-         "pretrain_epochs": (8, 2), "probe_epochs": (20, 10)}
-
-
-def demo_settings(args: argparse.Namespace) -> dict:
-    """The demo's sizes: explicit flags win over the default or ``--quick`` preset."""
-    column = 1 if args.quick else 0
-    return {key: getattr(args, key, None) if getattr(args, key, None) is not None else pair[column]
-            for key, pair in SIZES.items()}
+DEMO_EXPERIMENT = Path(__file__).parent / "configs" / "demo.yaml"
+#: The presets: (default, --quick). The default fits 15 minutes on a 2-core CPU, quick 3.
+PRESETS = {"n": (400, 64), "size": (128, 96), "clip_seconds": (180.0, 30.0), "clip_epochs": (12, 3),
+           "pretrain_epochs": (8, 2), "probe_epochs": (20, 10)}
 
 
-def demo_experiment(args: argparse.Namespace) -> dict:
-    """The demo's experiment file, as a dict (``mwm experiment`` reads the same keys)."""
-    s = demo_settings(args)
-    return {
-        "name": "demo-quick" if args.quick else "demo",
-        "data": {"phantoms": {"modality": args.modality, "n": s["n"], "size": s["size"],
-                              "seed": args.seed}},
-        "localize": {"prompt": "lesion", "clip": {"seconds": s["clip_seconds"],
-                                                  "epochs": s["clip_epochs"]}},
-        "pretrain": {"model": "resnet18", "input_size": s["size"] - s["size"] % 32,
-                     "epochs": s["pretrain_epochs"], "batch_size": 16, "lr": 2e-3,
-                     "warmup_epochs": 1, "amp": "bf16", "checkpoint_every": 100},
-        "evaluate": [{"name": "linear", "mode": "linear", "epochs": s["probe_epochs"],
-                      "batch_size": 32}],
-        "seeds": [args.seed],
-        "reference": "random-60",
-        "strategies": [{"name": "scratch", "masking": "none"},
-                       {"name": "random-60", "masking": "random", "ratio": 0.6},
-                       {"name": "region-80-40", "masking": "region", "ratio_salient": 0.8,
-                        "ratio_background": 0.4}],
-    }
+@dataclass(kw_only=True)
+class DemoConfig:
+    """Settings of ``mwm demo``; a size left as None comes from the preset."""
+
+    out: str = opt("mwm-demo", "output folder")
+    quick: bool = opt(False, "a smaller run: a smoke test of every stage (a few minutes on 2 "
+                      "CPU cores)")
+    modality: str = opt(MODALITIES[0], "phantom anatomy", choices=MODALITIES)
+    n: int | None = opt(None, "number of phantom images (default: 400; quick: 64)", low=8)
+    size: int | None = opt(None, "image side in pixels (default: 128; quick: 96)", low=32)
+    clip_seconds: float | None = opt(None, "time budget of the CLIP training (default: 180 s; "
+                                     "quick: 30 s)", low=0.0)
+    clip_epochs: int | None = opt(None, "CLIP epochs at most (default: 12; quick: 3)", low=1)
+    pretrain_epochs: int | None = opt(None, "pretraining epochs per strategy (default: 8; "
+                                      "quick: 2)", low=1)
+    probe_epochs: int | None = opt(None, "linear-probe epochs (default: 20; quick: 10)", low=1)
+    seed: int = opt(0, "random seed")
+    workers: int | None = opt(None, "processes for phantom generation (default: every core)",
+                              low=1)
+    quiet: bool = opt(False, "no progress bars")
+
+    def sizes(self) -> dict:
+        """The demo's sizes: explicit settings win over the default or ``--quick`` preset."""
+        column = 1 if self.quick else 0
+        return {key: getattr(self, key) if getattr(self, key) is not None else pair[column]
+                for key, pair in PRESETS.items()}
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    from .experiment.results import results_markdown
+def demo_experiment(cfg: DemoConfig) -> dict:
+    """The demo's experiment file with the preset's sizes filled in (``mwm experiment``
+    reads the same keys)."""
+    from .pretrain.encoders import fit_input_size
+
+    raw = load_yaml(DEMO_EXPERIMENT)
+    s = cfg.sizes()
+    raw["name"] = "demo-quick" if cfg.quick else raw["name"]
+    raw["data"] = {"phantoms": {"modality": cfg.modality, "n": s["n"], "size": s["size"],
+                                "seed": cfg.seed}}
+    raw["localize"]["clip"] = {"seconds": s["clip_seconds"], "epochs": s["clip_epochs"]}
+    pretrain = raw["pretrain"]
+    pretrain.update(input_size=fit_input_size(s["size"], pretrain["model"]),
+                    epochs=s["pretrain_epochs"])
+    for item in raw["evaluate"]:
+        item["epochs"] = s["probe_epochs"]
+    raw["seeds"] = [cfg.seed]
+    return raw
+
+
+def run_demo(cfg: DemoConfig) -> tuple[dict, Path]:
+    """Run the demo experiment into ``cfg.out`` and write its report: (results, report)."""
     from .report.html import write_report
 
-    out = Path(args.out)
-    raw = demo_experiment(args)
-    config = parse_experiment(raw, source="mwm demo")
-    settings = {k: v for k, v in vars(args).items() if k != "func"}
-    with RunManifest(out, "demo", {**settings, "experiment": raw}, args.seed) as run:
-        results = run_experiment(config, out, workers=args.workers, quiet=args.quiet)
-        run.add(results=results["strategies"], localization_dice=results["localization_dice"])
-    report = write_report(out)
-    print("\n" + results_markdown(results))
-    print(f"report: {report}")
-    return 1 if results["failures"] else 0
+    config = parse_experiment(demo_experiment(cfg), source="mwm demo")
+    results = run_experiment(config, Path(cfg.out), workers=cfg.workers, quiet=cfg.quiet)
+    return results, write_report(Path(cfg.out))

@@ -15,8 +15,9 @@ import numpy as np
 
 from ..files import write_csv, write_json
 from ..progress import progress as progress_bar
+from ..config import opt
 from ..errors import DataError
-from .io import read_mask, read_slice
+from .io import DEFAULT_AXIS, read_mask, read_slice
 from .layouts import Sample, load_prompts, open_dataset, prompt_for
 
 ROW_FIELDS = ("name", "path", "width", "height", "kind", "min", "max", "label", "split",
@@ -70,8 +71,22 @@ class InspectReport:
         write_json(Path(out_dir) / "inspect_summary.json", self.summary())
 
 
+@dataclass(kw_only=True)
+class InspectConfig:
+    """Settings of ``mwm inspect``."""
+
+    data: str = opt(help="image folder, class-folder root (train/<class>/...), CSV manifest, or "
+                    "a single image file", positional=True)
+    masks: str | None = opt(None, "mask folder paired with DATA by file stem")
+    prompts: str | None = opt(None, "per-image prompts (JSON or CSV) to check for coverage")
+    axis: int = opt(DEFAULT_AXIS, "NIfTI slicing axis (2: axial for RAS volumes)",
+                    choices=(0, 1, 2))
+    out: str | None = opt(None, "also write inspect.csv and inspect_summary.json here")
+    quiet: bool = opt(False, "no progress bars")
+
+
 def inspect_dataset(source: str | Path, *, masks: str | Path | None = None,
-                    prompts: str | Path | None = None, axis: int = 2,
+                    prompts: str | Path | None = None, axis: int = DEFAULT_AXIS,
                     progress: bool = True) -> InspectReport:
     dataset = open_dataset(source, masks, axis=axis)
     prompt_map = load_prompts(prompts) if prompts else None

@@ -35,6 +35,8 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES
 AXIS_LETTERS = "xyz"
+#: NIfTI slicing axis when none is given: 2, axial slices of a RAS volume.
+DEFAULT_AXIS = 2
 NORMALIZATIONS = ("auto", "dtype", "percentile", "minmax")
 PERCENTILES = (0.5, 99.5)
 
@@ -95,7 +97,7 @@ class Image2D:
 
 # --------------------------------------------------------------------------- listing
 
-def list_slices(path: str | os.PathLike, axis: int = 2) -> list[SliceRef]:
+def list_slices(path: str | os.PathLike, axis: int = DEFAULT_AXIS) -> list[SliceRef]:
     """The 2-D slices a file holds (one for ordinary 2-D images)."""
     path = Path(path)
     suffix = suffix_of(path)
@@ -120,7 +122,7 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
 
 
-def iter_images(path: str | os.PathLike, axis: int = 2) -> Iterator[Image2D]:
+def iter_images(path: str | os.PathLike, axis: int = DEFAULT_AXIS) -> Iterator[Image2D]:
     """Every 2-D slice of a file as an :class:`Image2D`."""
     for ref in list_slices(path, axis):
         yield read_slice(ref)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from ..errors import DataError
-from .io import SliceRef, is_image_file, list_image_files, list_slices, stem_of
+from .io import DEFAULT_AXIS, SliceRef, is_image_file, list_image_files, list_slices, stem_of
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("image", "label", "mask", "prompt", "split")
@@ -49,14 +49,14 @@ class Sample:
 
 # --------------------------------------------------------------------------- folders
 
-def expand_slices(files: Iterable[Path], axis: int = 2) -> list[SliceRef]:
+def expand_slices(files: Iterable[Path], axis: int = DEFAULT_AXIS) -> list[SliceRef]:
     """All 2-D slices of the given files, refusing two slices with the same name."""
     refs = [ref for path in files for ref in list_slices(path, axis)]
     _refuse_duplicates(refs)
     return refs
 
 
-def find_images(source: str | os.PathLike, axis: int = 2) -> list[SliceRef]:
+def find_images(source: str | os.PathLike, axis: int = DEFAULT_AXIS) -> list[SliceRef]:
     """Slices of an image file or of every image file in a folder (sorted by name)."""
     source = Path(source)
     if source.is_file():
@@ -69,7 +69,7 @@ def find_images(source: str | os.PathLike, axis: int = 2) -> list[SliceRef]:
 
 
 def paired_folders(images_dir: str | os.PathLike, masks_dir: str | os.PathLike, *,
-                   axis: int = 2, require_masks: bool = True) -> list[Sample]:
+                   axis: int = DEFAULT_AXIS, require_masks: bool = True) -> list[Sample]:
     """Pair ``images_dir`` with ``masks_dir`` by slice name (file stem)."""
     images = find_images(images_dir, axis)
     masks = {ref.name: ref for ref in find_images(masks_dir, axis)}
@@ -83,7 +83,7 @@ def paired_folders(images_dir: str | os.PathLike, masks_dir: str | os.PathLike, 
     return samples
 
 
-def class_folders(root: str | os.PathLike, axis: int = 2) -> tuple[list[Sample], list[str]]:
+def class_folders(root: str | os.PathLike, axis: int = DEFAULT_AXIS) -> tuple[list[Sample], list[str]]:
     """Read ``root/<split>/<class>/*``; return the samples and the sorted class names."""
     root = Path(root)
     splits = [s for s in SPLITS if (root / s).is_dir()]
@@ -105,7 +105,7 @@ def class_folders(root: str | os.PathLike, axis: int = 2) -> tuple[list[Sample],
     return samples, classes
 
 
-def read_manifest(csv_path: str | os.PathLike, axis: int = 2) -> list[Sample]:
+def read_manifest(csv_path: str | os.PathLike, axis: int = DEFAULT_AXIS) -> list[Sample]:
     """Read a CSV manifest; relative paths are taken from the CSV's folder."""
     csv_path = Path(csv_path)
     rows = _read_csv(csv_path)
@@ -161,6 +161,13 @@ def prompt_for(ref: SliceRef, prompts: Mapping[str, str], source: str = "the pro
             return prompts[key]
     raise DataError(f"{ref.path}: no prompt for {ref.name!r} in {source}. Add an entry "
                     f'"{ref.name}": "<prompt>" or pass one prompt for all images with --prompt.')
+
+
+def split_prompt(prompt: str | None) -> list[str]:
+    """``"brain tumor|glioma"`` → an ensemble of two prompts."""
+    if not prompt:
+        raise DataError("empty prompt")
+    return [p.strip() for p in prompt.split("|") if p.strip()]
 
 
 def attach_prompts(samples: list[Sample], prompts: Mapping[str, str] | None = None,
@@ -232,7 +239,7 @@ class Dataset:
 
 
 def open_dataset(source: str | os.PathLike, masks: str | os.PathLike | None = None, *,
-                 axis: int = 2, require_masks: bool = False) -> Dataset:
+                 axis: int = DEFAULT_AXIS, require_masks: bool = False) -> Dataset:
     """Resolve a dataset argument, whatever its layout.
 
     * a ``.csv`` file → CSV manifest;
@@ -265,7 +272,7 @@ def open_dataset(source: str | os.PathLike, masks: str | os.PathLike | None = No
     return Dataset([Sample(ref) for ref in find_images(source, axis)], "images", [])
 
 
-def replace_masks(samples: list[Sample], masks: str | os.PathLike, *, axis: int = 2,
+def replace_masks(samples: list[Sample], masks: str | os.PathLike, *, axis: int = DEFAULT_AXIS,
                   require_masks: bool = True) -> list[Sample]:
     """The same samples with masks taken from the folder ``masks`` (paired by name)."""
     by_name = {ref.name: ref for ref in find_images(masks, axis)}

@@ -3,72 +3,13 @@
 A phantom dataset is a small, fully synthetic, labelled dataset that exercises every
 part of MWM (classification, segmentation, detection, text prompts) without real
 patient data. :func:`generate_phantoms` writes one; :func:`render_phantom` draws one
-sample in memory.
+sample in memory. The class of a sample depends on its lesion only (anatomy, pose, bias
+field and noise come from independent random streams; :mod:`mwm.data.anatomy`); sample
+``index`` of ``(modality, seed)`` is the same for any ``n``, number of workers and run,
+and the same arguments write byte-identical files.
 
-Modalities and classes
-----------------------
-========== ============================================================================
-modality   classes (``none`` = no lesion) and what tells them apart
-========== ============================================================================
-brain-mri  ``glioma`` — irregular lobulated intra-axial mass inside one hemisphere, bright
-           heterogeneous rim around a dark necrotic core;
-           ``meningioma`` — round/ovoid homogeneous bright extra-axial mass whose base
-           touches the inner table of the skull;
-           ``pituitary`` — small round moderately bright mass at the midline just below
-           the image centre (sellar region).
-chest-ct   ``nodule`` — small round solid soft-tissue nodule inside a lung;
-           ``mass`` — larger lobulated solid mass with spiculated margins inside a lung;
-           ``ground-glass`` — large faint hazy area inside a lung, vessels still visible.
-chest-xray ``nodule`` — small round well-defined opacity anywhere in a lung;
-           ``mass`` — larger dense round opacity in the upper half of a lung;
-           ``consolidation`` — large patchy hazy opacity with air bronchograms in the
-           lower part of a lung.
-========== ============================================================================
-
-The class of each sample is drawn **uniformly at random** from its own random generator
-(``none`` included), so class counts vary slightly around ``n / 4``. A lesion image
-usually has one lesion, sometimes (15 %) two of the same class (not for ``pituitary``
-nor chest ``mass``); all lesions together cover 1.3-10 % of the image (always within
-1-15 %).
-
-The class depends on the lesion only: the anatomy, pose, bias field and noise come from
-random streams that are independent of the class, and a lesion changes pixels only
-within its mask (see :mod:`mwm.data.anatomy`), so a classifier cannot take a shortcut
-through the rest of the image.
-
-Determinism
------------
-Sample ``index`` of ``(modality, seed)`` is drawn from
-``np.random.SeedSequence([seed, crc32(modality), index])`` (spawned into independent
-streams for anatomy, class, lesion, acquisition and caption), so it is identical for
-any ``n``, any number of workers and any run. Output files contain no timestamps: the
-same arguments produce byte-identical files.
-
-Conventions
------------
-* Orientation: radiological. The patient's **left is on the image right**; anterior is
-  at the top of the axial slices (brain MRI, chest CT); the chest radiograph is a PA
-  view with the head at the top. Captions name the patient's side, derived from each
-  lesion's centroid in the final image.
-* Intensity: the generator works with intensities in ``[0, 1]`` (brighter = higher
-  signal / attenuation). 8-bit images store ``round(x * 255)``; 16-bit images use the
-  **full 16-bit scale**, ``round(x * 65535)``, so ``image16 / 257 ~= image8``.
-* Masks: ``masks/<stem>.png`` is uint8 0/255, the union of the lesion masks (all zeros for
-  ``none``). Each instance mask is the lesion's footprint: the lesion's intensity was
-  drawn only inside it (up to one pixel of interpolation at its edge).
-
-Files written into ``out_dir``
-------------------------------
-``images/<stem>.png``, ``masks/<stem>.png`` (stems ``<modality>_00042``), ``labels.csv``
-(``image,label,mask,prompt,split`` — MWM's CSV manifest), ``captions.csv``
-(``image,caption``), ``prompts.json`` (``{stem: prompt}``), ``splits.json``,
-``instances.json`` plus ``instances_{train,val,test}.json`` (COCO; ``file_name`` is
-``<stem>.png`` relative to ``images/``; image ids are ``index + 1``; categories are the
-lesion classes, ids from 1), ``dataset.json`` (parameters, counts, conventions) and, with
-``class_folders=True``, ``classes/<split>/<class>/<stem>.png`` (hard links to the images
-where the file system allows, else copies). Stale generator files (``<modality>_NNNNN.png``
-of a previous, larger run) in ``images/``, ``masks/`` and ``classes/`` are removed so that
-the folders always match the manifests.
+The classes, the conventions (radiological orientation, intensity scales, masks) and the
+files written are described in ``docs/phantoms.md``.
 """
 
 from __future__ import annotations
@@ -87,14 +28,18 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from ..config import opt
+from .phantom_captions import phantom_caption
+from .phantom_coco import coco_dataset, coco_instance
+
 from mwm.files import (atomic_path, safe_child, write_bytes, write_csv, write_json, write_png,
                        write_text)
 from mwm.progress import progress as _progress
 
 from . import anatomy as _anat
 
-GENERATOR_VERSION = "1.0"
 
+GENERATOR_VERSION = "1.0"
 MODALITIES = ("brain-mri", "chest-ct", "chest-xray")
 CLASSES: dict[str, tuple[str, ...]] = {
     "brain-mri": ("none", "glioma", "meningioma", "pituitary"),
@@ -108,6 +53,7 @@ PROMPTS: dict[str, str] = {
 }
 SPLITS = ("train", "val", "test")
 BIT_DEPTHS = (8, 16)
+DEFAULT_N, DEFAULT_SIZE = 200, 128
 MIN_SIZE = 32
 MIN_LESION_FRACTION = 0.01
 MAX_LESION_FRACTION = 0.15
@@ -263,211 +209,8 @@ def _render(modality: str, size: int, seed: int, index: int, bit_depth: int,
         image = (x * 255.0 + 0.5).astype(np.uint8)
     else:
         image = (x * 65535.0 + 0.5).astype(np.uint16)
-    caption = _caption(r_text, modality, label, centers, anat)
+    caption = phantom_caption(r_text, modality, label, centers, anat)
     return Phantom(image, masks, label, caption, _stem(modality, index, width), modality, index)
-
-
-# --------------------------------------------------------------------------- captions
-
-_MODALITY_WORDS = {
-    "brain-mri": ["Axial T1-weighted brain MRI", "Axial contrast-enhanced T1 MRI of the brain",
-                  "Post-contrast axial brain MRI", "Axial MR image of the brain"],
-    "chest-ct": ["Axial chest CT", "Axial CT image of the chest", "Contrast-enhanced chest CT",
-                 "Axial computed tomography of the thorax"],
-    "chest-xray": ["Frontal chest radiograph", "PA chest X-ray", "Posteroanterior chest radiograph",
-                   "Frontal chest X-ray"],
-}
-_NONE = {
-    "brain-mri": ["Axial T1-weighted brain MRI without focal lesion.",
-                  "Brain MRI with no mass or abnormal enhancement.",
-                  "Normal axial brain MRI; ventricles and midline structures are unremarkable.",
-                  "Unremarkable axial MR image of the brain, no focal abnormality."],
-    "chest-ct": ["Axial chest CT with clear lungs and no nodule or mass.",
-                 "Chest CT without focal pulmonary lesion.",
-                 "Normal axial CT of the chest; the lungs are clear.",
-                 "Unremarkable chest CT slice, no pulmonary nodule, mass or opacity."],
-    "chest-xray": ["Frontal chest radiograph with clear lungs.",
-                   "PA chest X-ray without focal opacity.",
-                   "Normal frontal chest radiograph; no nodule, mass or consolidation.",
-                   "Unremarkable chest X-ray, lungs clear."],
-}
-# per class: (descriptions, plural descriptions, diagnoses, plural diagnoses)
-_FINDINGS = {
-    ("brain-mri", "glioma"): (
-        ["an irregular heterogeneously enhancing mass with a necrotic center",
-         "a lobulated ring-enhancing intra-axial lesion with central necrosis",
-         "an ill-defined heterogeneous intra-axial mass"],
-        ["two irregular ring-enhancing intra-axial lesions",
-         "two heterogeneous lobulated intra-axial masses"],
-        ["high-grade glioma", "a glioma", "a glial neoplasm"],
-        ["multifocal glioma", "multifocal high-grade glioma"]),
-    ("brain-mri", "meningioma"): (
-        ["a round homogeneously enhancing extra-axial mass",
-         "a well-circumscribed dural-based mass",
-         "an ovoid extra-axial lesion with homogeneous enhancement"],
-        ["two round homogeneously enhancing extra-axial masses",
-         "two well-circumscribed dural-based lesions"],
-        ["meningioma", "a meningioma", "an extra-axial meningioma"],
-        ["multiple meningiomas", "meningiomas"]),
-    ("brain-mri", "pituitary"): (
-        ["a small round enhancing lesion", "a small well-defined mass",
-         "a rounded moderately enhancing nodule"],
-        ["two small round enhancing lesions"],
-        ["pituitary adenoma", "a pituitary macroadenoma", "a pituitary tumor"],
-        ["pituitary adenomas"]),
-    ("chest-ct", "nodule"): (
-        ["a small round solid pulmonary nodule", "a well-circumscribed solid nodule",
-         "a small rounded soft-tissue nodule"],
-        ["two small solid pulmonary nodules", "two well-circumscribed solid nodules"],
-        ["a pulmonary nodule", "a solitary pulmonary nodule", "a solid lung nodule"],
-        ["multiple pulmonary nodules", "pulmonary nodules"]),
-    ("chest-ct", "mass"): (
-        ["an irregular spiculated mass", "a large lobulated mass with spiculated margins",
-         "a spiculated soft-tissue mass"],
-        ["two spiculated masses"],
-        ["a lung mass suspicious for malignancy", "primary lung cancer",
-         "bronchogenic carcinoma"],
-        ["synchronous lung cancers"]),
-    ("chest-ct", "ground-glass"): (
-        ["a hazy ground-glass opacity", "an ill-defined area of ground-glass attenuation",
-         "a patchy ground-glass opacity with preserved vessels"],
-        ["two hazy ground-glass opacities", "two patchy areas of ground-glass attenuation"],
-        ["ground-glass opacity", "an inflammatory or infectious process",
-         "a ground-glass lesion"],
-        ["multifocal ground-glass opacities", "multifocal inflammation"]),
-    ("chest-xray", "nodule"): (
-        ["a small round opacity", "a well-defined pulmonary nodule",
-         "a small rounded nodular opacity"],
-        ["two small round opacities", "two well-defined nodular opacities"],
-        ["a pulmonary nodule", "a solitary lung nodule", "a nodule"],
-        ["multiple pulmonary nodules", "pulmonary nodules"]),
-    ("chest-xray", "mass"): (
-        ["a large dense rounded opacity", "a well-defined dense mass",
-         "a large round soft-tissue density"],
-        ["two large dense opacities"],
-        ["a lung mass", "a pulmonary mass", "bronchogenic carcinoma"],
-        ["lung masses"]),
-    ("chest-xray", "consolidation"): (
-        ["a patchy hazy airspace opacity", "an ill-defined consolidation with air bronchograms",
-         "a confluent airspace opacity"],
-        ["two patchy airspace opacities", "patchy consolidations"],
-        ["pneumonia", "lobar pneumonia", "consolidation"],
-        ["multifocal pneumonia", "multilobar pneumonia"]),
-}
-_TEMPLATES = [
-    "{mod} showing {desc} {loc}, consistent with {dx}.",
-    "{mod} demonstrates {desc} {loc}; findings suggest {dx}.",
-    "{desc_cap} {loc} on {mod_l}, compatible with {dx}.",
-    "{mod}: {desc} {loc}, most likely {dx}.",
-]
-
-
-def _side(u: float, dead: float) -> str | None:
-    """Patient side from the canonical column (radiological: image right = patient left)."""
-    if u > dead:
-        return "left"
-    if u < -dead:
-        return "right"
-    return None
-
-
-def _location(modality: str, label: str, uv: tuple[float, float], anat, rng) -> str:
-    u, v = uv
-    if modality == "brain-mri":
-        if label == "pituitary":
-            return str(rng.choice(["in the sellar region at the midline",
-                                   "in the midline sellar region",
-                                   "at the midline in the region of the sella"]))
-        lobe = ("frontal" if v < -0.3 else "occipital" if v > 0.38
-                else "temporal" if abs(u) > 0.45 else "parietal")
-        side = _side(u, 0.1)
-        if label == "meningioma":
-            if side is None:
-                return f"along the {'anterior' if v < 0 else 'posterior'} falx at the midline"
-            return f"along the {side} {lobe} convexity"
-        if side is None:
-            return f"in the {lobe} lobe near the midline"
-        return f"in the {side} {lobe} lobe"
-    side = "left" if u > 0 else "right"
-    if modality == "chest-ct":
-        if v < -0.2:
-            part = "anterior"
-        elif v > 0.2:
-            part = "posterior"
-        else:
-            part = "peripheral" if abs(u) > 0.45 else "central"
-        return f"in the {part} {side} lung"
-    lv, av = anat.info["lv"], anat.info["av"]
-    rel = (v - (lv - av)) / (2 * av)
-    zone = "upper" if rel < 0.38 else "mid" if rel < 0.62 else "lower"
-    return f"in the {side} {zone} zone"
-
-
-def _caption(rng: np.random.Generator, modality: str, label: str,
-             centers: Sequence[tuple[float, float]], anat) -> str:
-    if label == "none":
-        return str(rng.choice(_NONE[modality]))
-    desc1, desc2, dx1, dx2 = _FINDINGS[(modality, label)]
-    plural = len(centers) > 1
-    desc = str(rng.choice(desc2 if plural else desc1))
-    dx = str(rng.choice(dx2 if plural else dx1))
-    locs: list[str] = []
-    for c in centers:
-        loc = _location(modality, label, c, anat, rng)
-        if loc not in locs:
-            locs.append(loc)
-    loc = locs[0] if len(locs) == 1 else locs[0] + " and " + locs[1].replace("in the ", "the ", 1)
-    mod = str(rng.choice(_MODALITY_WORDS[modality]))
-    template = str(rng.choice(_TEMPLATES))
-    return template.format(mod=mod, mod_l=mod[0].lower() + mod[1:], desc=desc,
-                           desc_cap=desc[0].upper() + desc[1:], loc=loc, dx=dx)
-
-
-# --------------------------------------------------------------------------- COCO
-
-
-def coco_instance(mask: np.ndarray) -> dict:
-    """bbox [x, y, w, h], area and segmentation (polygons, or RLE when degenerate)."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    bbox = [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
-    m8 = mask.astype(np.uint8)
-    contours, _ = cv2.findContours(m8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    polygons = []
-    for c in contours:
-        if len(c) < 3 or cv2.contourArea(c) <= 0:
-            polygons = []
-            break
-        polygons.append([int(p) for p in c.reshape(-1)])
-    if polygons:
-        segmentation: list | dict = polygons
-    else:
-        from pycocotools import mask as mask_utils
-
-        rle = mask_utils.encode(np.asfortranarray(m8))
-        segmentation = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
-    return {"bbox": bbox, "area": int(m8.sum()), "segmentation": segmentation}
-
-
-def _coco(modality: str, size: int, records: list[dict], keep: set[int] | None) -> dict:
-    classes = CLASSES[modality]
-    categories = [{"id": i, "name": c, "supercategory": modality}
-                  for i, c in enumerate(classes[1:], start=1)]
-    cat_id = {c["name"]: c["id"] for c in categories}
-    images, annotations = [], []
-    for rec in records:
-        if keep is not None and rec["index"] not in keep:
-            continue
-        images.append({"id": rec["index"] + 1, "file_name": rec["stem"] + ".png",
-                       "width": size, "height": size})
-        for ann_id, inst in zip(rec["ann_ids"], rec["instances"]):
-            annotations.append({"id": ann_id, "image_id": rec["index"] + 1,
-                                "category_id": cat_id[rec["label"]], "bbox": inst["bbox"],
-                                "area": inst["area"], "segmentation": inst["segmentation"],
-                                "iscrowd": 0})
-    return {"info": {"description": f"MWM synthetic {modality} phantoms",
-                     "version": GENERATOR_VERSION},
-            "images": images, "annotations": annotations, "categories": categories}
 
 
 # --------------------------------------------------------------------------- splits
@@ -546,8 +289,25 @@ def _mp_context():
 # --------------------------------------------------------------------------- generation
 
 
-def generate_phantoms(out_dir, modality: str = "brain-mri", n: int = 200, size: int = 128,
-                      seed: int = 0, *, bit_depth: int = 8, workers: int | None = None,
+@dataclass(kw_only=True)
+class PhantomConfig:
+    """Settings of ``mwm phantoms`` (the arguments of :func:`generate_phantoms`)."""
+
+    out: str = opt(help="output folder (created if missing)", positional=True)
+    modality: str = opt(MODALITIES[0], "which anatomy and findings", choices=MODALITIES)
+    n: int = opt(DEFAULT_N, "number of images", low=1)
+    size: int = opt(DEFAULT_SIZE, "image side in pixels", low=MIN_SIZE)
+    bit_depth: int = opt(BIT_DEPTHS[0], "PNG bit depth", choices=BIT_DEPTHS)
+    class_folders: bool = opt(False, "also write classes/<split>/<class>/ links for "
+                              "class-folder tools")
+    seed: int = opt(0, "random seed", low=0)
+    workers: int | None = opt(None, "worker processes (default: number of CPU cores)", low=1)
+    quiet: bool = opt(False, "no progress bars")
+
+
+def generate_phantoms(out_dir, modality: str = MODALITIES[0], n: int = DEFAULT_N,
+                      size: int = DEFAULT_SIZE, seed: int = 0, *,
+                      bit_depth: int = BIT_DEPTHS[0], workers: int | None = None,
                       class_folders: bool = False,
                       split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
                       progress: bool = True) -> PhantomSummary:
@@ -574,15 +334,7 @@ def generate_phantoms(out_dir, modality: str = "brain-mri", n: int = 200, size: 
         (out / sub).mkdir(exist_ok=True)
     width = max(5, len(str(n - 1)))
     config = (modality, size, seed, bit_depth, str(out), width)
-    bar = dict(total=n, desc=f"phantoms {modality}", unit="img", enabled=progress)
-    if workers == 1:
-        results = list(_progress((_produce(config, i) for i in range(n)), **bar))
-    else:
-        chunk = max(1, min(64, n // (workers * 8)))
-        with _mp_context().Pool(workers, initializer=_init_worker, initargs=(config,)) as pool:
-            results = list(_progress(pool.imap(_work, range(n), chunksize=chunk), **bar))
-
-    stems = [r[0] for r in results]
+    results = _render_all(config, n, workers, progress)
     labels = [r[1] for r in results]
     splits = stratified_split(labels, fractions, seed, modality)
     prompt = PROMPTS[modality]
@@ -593,22 +345,7 @@ def generate_phantoms(out_dir, modality: str = "brain-mri", n: int = 200, size: 
         records.append({"index": i, "stem": stem, "label": label, "caption": caption,
                         "instances": instances, "ann_ids": ids, "split": splits[i]})
 
-    write_csv(out / "labels.csv",
-              ({"image": f"images/{r['stem']}.png", "label": r["label"],
-                "mask": f"masks/{r['stem']}.png", "prompt": prompt, "split": r["split"]}
-               for r in records), ("image", "label", "mask", "prompt", "split"))
-    write_csv(out / "captions.csv",
-              ({"image": f"images/{r['stem']}.png", "caption": r["caption"]} for r in records),
-              ("image", "caption"))
-    write_json(out / "prompts.json", {s: prompt for s in stems})
-    split_map = {s: [r["stem"] for r in records if r["split"] == s] for s in SPLITS}
-    write_json(out / "splits.json", split_map)
-    # COCO files are written compactly (one line): polygons make indented JSON huge
-    write_text(out / "instances.json", _compact(_coco(modality, size, records, None)))
-    for s in SPLITS:
-        keep = {r["index"] for r in records if r["split"] == s}
-        write_text(out / f"instances_{s}.json", _compact(_coco(modality, size, records, keep)))
-
+    split_map = _write_tables(out, modality, size, records)
     classes = CLASSES[modality]
     class_counts = {c: labels.count(c) for c in classes}
     split_counts = {s: len(split_map[s]) for s in SPLITS}
@@ -631,7 +368,49 @@ def generate_phantoms(out_dir, modality: str = "brain-mri", n: int = 200, size: 
                   "class_folders": "classes/<split>/<class>/<stem>.png" if class_folders else None},
     })
 
-    keep_names = {f"{s}.png" for s in stems}
+    _clean_up(out, records, class_folders)
+    return PhantomSummary(out, modality, n, size, seed, class_counts, split_counts,
+                          time.perf_counter() - t0, bit_depth, workers)
+
+
+def _render_all(config: tuple, n: int, workers: int, progress: bool) -> list[tuple]:
+    """(stem, label, caption, instances) of every image, rendered and written."""
+    bar = dict(total=n, desc=f"phantoms {config[0]}", unit="img", enabled=progress)
+    if workers == 1:
+        return list(_progress((_produce(config, i) for i in range(n)), **bar))
+    chunk = max(1, min(64, n // (workers * 8)))
+    with _mp_context().Pool(workers, initializer=_init_worker, initargs=(config,)) as pool:
+        return list(_progress(pool.imap(_work, range(n), chunksize=chunk), **bar))
+
+
+def _write_tables(out: Path, modality: str, size: int, records: list[dict]) -> dict:
+    """labels.csv, captions.csv, prompts.json, splits.json and the COCO files; the splits."""
+    prompt = PROMPTS[modality]
+    write_csv(out / "labels.csv",
+              ({"image": f"images/{r['stem']}.png", "label": r["label"],
+                "mask": f"masks/{r['stem']}.png", "prompt": prompt, "split": r["split"]}
+               for r in records), ("image", "label", "mask", "prompt", "split"))
+    write_csv(out / "captions.csv",
+              ({"image": f"images/{r['stem']}.png", "caption": r["caption"]} for r in records),
+              ("image", "caption"))
+    write_json(out / "prompts.json", {r["stem"]: prompt for r in records})
+    split_map = {s: [r["stem"] for r in records if r["split"] == s] for s in SPLITS}
+    write_json(out / "splits.json", split_map)
+
+    def coco(keep):  # written compactly (one line): polygons make indented JSON huge
+        return _compact(coco_dataset(modality, CLASSES[modality], size, records, keep,
+                                     GENERATOR_VERSION))
+
+    write_text(out / "instances.json", coco(None))
+    for s in SPLITS:
+        write_text(out / f"instances_{s}.json",
+                   coco({r["index"] for r in records if r["split"] == s}))
+    return split_map
+
+
+def _clean_up(out: Path, records: list[dict], class_folders: bool) -> None:
+    """Remove images of an earlier, larger run; (re)make or remove the class folders."""
+    keep_names = {f"{r['stem']}.png" for r in records}
     _remove_stale(out / "images", keep_names)
     _remove_stale(out / "masks", keep_names)
     if class_folders:
@@ -643,9 +422,6 @@ def generate_phantoms(out_dir, modality: str = "brain-mri", n: int = 200, size: 
             _link_or_copy(src, dst)
     elif (out / "classes").is_dir():
         _remove_stale_classes(out / "classes", set())
-
-    return PhantomSummary(out, modality, n, size, seed, class_counts, split_counts,
-                          time.perf_counter() - t0, bit_depth, workers)
 
 
 def _compact(obj) -> str:

@@ -1,11 +1,20 @@
-"""Downstream tasks on top of a pretrained MWM encoder.
+"""Downstream tasks on top of a pretrained MWM encoder, registered by name in
+:data:`mwm.downstream.tasks.TASKS`.
 
-* :mod:`mwm.downstream.classify` — image classification: full fine-tuning with
-  layer-wise learning-rate decay, or linear probing of the frozen encoder
-  (``mwm finetune``);
-* :mod:`mwm.downstream.classify_metrics` — accuracy, balanced accuracy, macro-F1,
-  exact one-vs-rest AUROC and confusion matrices;
-* :mod:`mwm.downstream.convert` — encoder weights in timm / torchvision / Detectron2
-  key spaces;
-* :mod:`mwm.downstream.detect` — detection / instance segmentation (Mask R-CNN).
+* :mod:`.classify` — image classification: shared setup and evaluation, with
+  :mod:`.full_finetune` (layer-wise lr decay) and :mod:`.linear_probe` (frozen encoder);
+  tasks ``finetune`` and ``linear-probe``;
+* :mod:`.classify_metrics` — accuracy, balanced accuracy, macro-F1, exact one-vs-rest
+  AUROC and confusion matrices;
+* :mod:`.detect` with :mod:`.coco` — detection / instance segmentation (Mask R-CNN), task
+  ``detect``;
+* :mod:`.weights` — reading every kind of encoder weights, strict loading;
+* :mod:`.convert` — encoder weights in timm / torchvision / Detectron2 key spaces.
+
+Importing the package registers its tasks.
 """
+
+from . import classify, detect  # noqa: F401  (their tasks register on import)
+from .tasks import TASKS, EvalTask
+
+__all__ = ["TASKS", "EvalTask"]

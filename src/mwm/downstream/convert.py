@@ -35,11 +35,13 @@ import json
 import os
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from ..config import opt
 from ..errors import DataError
 from ..files import atomic_path
 from ..pretrain.export import key_problems
@@ -268,8 +270,20 @@ def read_detectron2(path: str | os.PathLike) -> dict[str, Any]:
         return pickle.load(handle)
 
 
+@dataclass(kw_only=True)
+class ExportConfig:
+    """Settings of ``mwm export``."""
+
+    encoder: str = opt(help="MWM encoder.safetensors, pretrain checkpoint/run folder, or timm "
+                       ".pth", positional=True)
+    out: str = opt(help="the output file")
+    format: str = opt(FORMATS[0], "key names to write", choices=FORMATS)
+    model: str | None = opt(None, "architecture (default: from the file)")
+    quiet: bool = opt(False, "no progress output")
+
+
 def export_weights(src_path: str | os.PathLike, out_path: str | os.PathLike,
-                   fmt: str = "timm", *, arch: str | None = None) -> dict[str, Any]:
+                   fmt: str = FORMATS[0], *, arch: str | None = None) -> dict[str, Any]:
     """Convert pretrained weights to ``fmt`` (``timm``, ``torchvision`` or ``detectron2``).
 
     Reads an MWM export / pretraining checkpoint / timm ``.pth`` (:func:`load_timm_state`)

@@ -65,6 +65,7 @@ from ..files import write_csv, write_json
 from ..pretrain.config import DEFAULT_ENCODER
 from ..utils import AMP_CHOICES
 from . import convert
+from .tasks import EvalTask, register_task
 from .coco import METRIC_NAMES, CocoInstances, _collate, evaluate, predict, write_figures
 
 __all__ = ["DetectConfig", "detect", "build_model", "CocoInstances", "evaluate",
@@ -398,3 +399,13 @@ def detect(cfg: DetectConfig) -> dict[str, Any]:
     """Fine-tune (or resume) Mask R-CNN, evaluating every ``eval_every`` epochs and at the
     end; returns a summary dict."""
     return _DetectRun(cfg).run()
+
+
+def _detect_task(cfg: DetectConfig) -> dict:
+    summary = detect(cfg)
+    return {"split": cfg.eval_split, "epochs": summary["epoch"], "seconds": summary["seconds"],
+            **summary["metrics"]}
+
+
+register_task(EvalTask("detect", "Mask R-CNN instance segmentation, COCO box and mask AP",
+                       DetectConfig, _detect_task, SELECTABLE, "segm/AP", inherits=("model",)))

@@ -22,7 +22,7 @@ from ..engine import (Engine, Schedule, average_bn_stats, build_optimizer, epoch
                       param_groups, peak_lr, step_seed)
 from ..errors import DataError
 from ..progress import progress as progress_bar
-from .classify import LAST, Finetuner, _cpu_state
+from .classifier import LAST, Finetuner, _cpu_state
 
 FALLBACK_GROUPS = 6
 

@@ -20,7 +20,7 @@ from .. import checkpoint
 from ..engine import Dist, Engine
 from ..errors import DataError
 from ..progress import progress as progress_bar
-from .classify import LAST, Finetuner, _cpu_state
+from .classifier import LAST, Finetuner, _cpu_state
 from .classify_metrics import classification_metrics
 
 LBFGS_ITERS_PER_EPOCH = 20

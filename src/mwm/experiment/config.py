@@ -160,7 +160,26 @@ def _evaluation(item: dict, source: str) -> dict:
     item = _owned_free(item, source, "evaluate")
     if "name" not in item:
         raise DataError(f"{source}: every evaluation needs a name (it names the column).")
+    task_of(item, source)
     return item
+
+
+def task_of(item: dict, source: str = "<code>"):
+    """The registered task of an ``evaluate`` entry. Files written before tasks existed name
+    none: they were classifications, linear probes where ``mode: linear``."""
+    from ..downstream.tasks import TASKS
+    from ..errors import DataError as Error
+
+    name = item.get("task") or ("linear-probe" if item.get("mode") == "linear" else "finetune")
+    if name not in TASKS:
+        raise Error(f"{source}: evaluation {item.get('name')!r}: unknown task {name!r}; "
+                    f"choose one of {', '.join(TASKS.names())}.")
+    task = TASKS.get(name)
+    for key, value in task.fixed.items():
+        if key in item and item[key] != value:
+            raise Error(f"{source}: evaluation {item.get('name')!r}: task {name} fixes "
+                        f"{key}: {value!r}; drop {key}: {item[key]!r}.")
+    return task
 
 
 def _data(section: dict, source: str) -> dict:
@@ -194,7 +213,6 @@ def _check_sections(config: ExperimentConfig) -> None:
 
 def _check_fields(config: ExperimentConfig, source: str) -> None:
     """Section keys must be fields of the settings object they configure."""
-    from ..downstream.classify import FinetuneConfig
     from ..localize.m2ib import M2IBConfig
     from ..localize.postprocess import PostprocessConfig
     from ..pretrain.train import PretrainConfig
@@ -204,7 +222,9 @@ def _check_fields(config: ExperimentConfig, source: str) -> None:
 
     _check_keys(config.pretrain, fields(PretrainConfig) - CELL_OWNED, source, "pretrain")
     for item in config.evaluate:
-        _check_keys(item, (fields(FinetuneConfig) - CELL_OWNED) | {"name"}, source, "evaluate")
+        task = task_of(item, source)
+        allowed = (task.settings() - CELL_OWNED) | set(task.fixed) | {"name", "task"}
+        _check_keys(item, allowed, source, f"evaluate ({item['name']}, task {task.name})")
     _check_keys(config.localize.get("m2ib") or {}, fields(M2IBConfig), source, "localize.m2ib")
     _check_keys(config.localize.get("postprocess") or {}, fields(PostprocessConfig), source,
                 "localize.postprocess")

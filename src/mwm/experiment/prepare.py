@@ -34,6 +34,8 @@ from .config import ExperimentConfig
 # and `m2ib: {layer: [1, 2]}` to use it. The token-max loss with block 2 alone helps some
 # CLIP seeds and hurts others (benchmark seeds 0-3: -0.15 / +0.04 / +0.22 / +0.12; the
 # demo's seed-0 CLIP: DSC 0.37 -> 0.30), so it is off here.
+# An experiment's phantom dataset when its file leaves a setting out.
+PHANTOM_DATA = dict(modality="brain-mri", n=400, size=128, seed=0)
 PHANTOM_CLIP = dict(model="scratch-tiny", batch_size=32, prompt_mix=0.2, token_max_weight=0.0)
 PHANTOM_M2IB = dict(layer=2, noise_scale=0.5, shifts=3, smooth=0.4)
 # The published binarization (2-cluster k-means), one region per image, the component
@@ -58,13 +60,13 @@ class Prepared:
         return path
 
 
-def prepare(config: ExperimentConfig, run: Path, *, workers: int | None = None, quiet: bool = False,
-            log=print) -> Prepared:
+def prepare(config: ExperimentConfig, run: Path, *, workers: int | None = None,
+            device: str = "auto", quiet: bool = False, log=print) -> Prepared:
     data = _dataset(config, run / "data", workers, quiet, log)
     masks = data / "masks" if (data / "masks").is_dir() else None
     if not config.needs_localization():
         return Prepared(data, masks, None, None, None)
-    saliency, n_new_maps = _saliency(config, data, run, quiet, log)
+    saliency, n_new_maps = _saliency(config, data, run, device, quiet, log)
     regions = run / "regions"
     _postprocess(config, data, saliency, regions, n_new_maps, quiet)
     scores = _score(data, regions, run / "localization", quiet) if masks else None
@@ -83,7 +85,7 @@ def _dataset(config: ExperimentConfig, out: Path, workers: int | None, quiet: bo
     from ..data.phantoms import generate_phantoms
     from ..report.contact_sheet import write_phantom_sheet
 
-    params = {"modality": "brain-mri", "n": 400, "size": 128, "seed": 0, **config.data["phantoms"]}
+    params = {**PHANTOM_DATA, **config.data["phantoms"]}
     stamp = out / "phantoms_done.json"
     if read_json_or_none(stamp) == params:
         log(f"phantoms: {out} (up to date)")
@@ -130,24 +132,21 @@ def _vlm_name(config: ExperimentConfig, data: Path, run: Path, quiet: bool, log)
     return name
 
 
-def _saliency(config: ExperimentConfig, data: Path, run: Path, quiet: bool, log) -> tuple[Path, int]:
+def _saliency(config: ExperimentConfig, data: Path, run: Path, device: str, quiet: bool,
+              log) -> tuple[Path, int]:
     """The saliency folder and how many maps this call (re)wrote."""
     from ..data.layouts import open_dataset
-    from ..localize.m2ib import M2IBConfig, saliency_maps
-    from ..localize.run import localize_samples, model_identity
-    from ..localize.vlm import load_vlm
+    from ..localize.m2ib import M2IBConfig
+    from ..localize.pipeline import localize
 
     name = _vlm_name(config, data, run, quiet, log)
-    adapter = load_vlm(name)
     defaults = PHANTOM_M2IB if "clip" in config.localize else {}
-    m2ib = M2IBConfig(**{**defaults, **(config.localize.get("m2ib") or {})})
+    batch = {"batch_size": int(config.localize["batch_size"])} if "batch_size" in config.localize else {}
+    m2ib = M2IBConfig(**{**defaults, **batch, **(config.localize.get("m2ib") or {})})
     prompt = str(config.localize["prompt"])
     samples = [replace(s, prompt=s.prompt or prompt) for s in open_dataset(data).samples]
     out = run / "saliency"
-    summary = localize_samples(
-        samples, out, lambda im, pr, names: saliency_maps(adapter, im, pr, m2ib, keys=names),
-        model_id=model_identity(name), params=m2ib.to_dict(), progress=not quiet,
-        shard_items=False, batch_size=int(config.localize.get("batch_size", 8)))
+    summary = localize(samples, out, model=name, m2ib=m2ib, device=device, progress=not quiet)
     log(f"saliency: {out} ({summary.n_written} new, {summary.n_skipped} up to date)")
     return out, summary.n_written
 

@@ -4,12 +4,12 @@ Files written into the run folder:
 
 * ``cells.csv``      one row per finished cell (strategy, seed, realized ratios, time, metrics);
 * ``results.csv``    one row per strategy: n seeds, realized overall mask ratio, pretraining
-  seconds, and for each evaluation the accuracy mean/std and the difference to the
-  reference strategy (mean of per-seed differences, over the seeds both have);
+  seconds, and for each evaluation its task's primary metric (mean/std) and the difference
+  to the reference strategy (mean of per-seed differences, over the seeds both have);
 * ``results.md``     the same as a table, with the missing cells listed;
 * ``results.json``   all of the above, for the report;
-* ``accuracy_vs_ratio.png``  downstream accuracy against the realized overall mask ratio
-  (:func:`mwm.report.plots.accuracy_vs_ratio_png`).
+* ``accuracy_vs_ratio.png``  each evaluation's primary metric against the realized overall
+  mask ratio (:func:`mwm.report.plots.accuracy_vs_ratio_png`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from pathlib import Path
 
 from ..files import read_json_or_none, write_bytes, write_csv, write_json, write_text
 from ..report.plots import accuracy_vs_ratio_png
-from .config import ExperimentConfig
+from ..report.tables import results_markdown
+from .config import ExperimentConfig, task_of
+from .grid import CELL_FILE
 
 CELL_FIELDS = ("strategy", "masking", "seed", "ratio_overall", "ratio_salient", "ratio_background",
                "pretrain_seconds", "final_loss")
@@ -41,16 +43,23 @@ def cell_rows(config: ExperimentConfig, records: list[dict]) -> list[dict]:
                "ratio_overall": pre.get("ratio_overall"), "ratio_salient": pre.get("ratio_salient"),
                "ratio_background": pre.get("ratio_background"),
                "pretrain_seconds": pre.get("seconds"), "final_loss": pre.get("final_loss")}
-        for name, metrics in record["evaluations"].items():
-            row[f"{name}_accuracy"] = metrics["accuracy"]
-            row[f"{name}_balanced_accuracy"] = metrics.get("balanced_accuracy")
+        for item in config.evaluate:
+            metrics = record["evaluations"].get(item["name"], {})
+            for metric in task_of(item).metrics:
+                row[f"{item['name']}_{metric}"] = metrics.get(metric)
         rows.append(row)
     return rows
 
 
+def primary_metrics(config: ExperimentConfig) -> dict[str, str]:
+    """Each evaluation's primary metric (what the table, the deltas and the plot show)."""
+    return {item["name"]: task_of(item).primary for item in config.evaluate}
+
+
 def strategy_rows(config: ExperimentConfig, cells: list[dict]) -> list[dict]:
-    evals = [item["name"] for item in config.evaluate]
-    reference = {(c["seed"], e): c.get(f"{e}_accuracy") for c in cells
+    primary = primary_metrics(config)
+    evals = list(primary)
+    reference = {(c["seed"], e): c.get(f"{e}_{primary[e]}") for c in cells
                  if c["strategy"] == config.reference for e in evals}
     rows = []
     for strategy in config.strategies:
@@ -62,17 +71,16 @@ def strategy_rows(config: ExperimentConfig, cells: list[dict]) -> list[dict]:
         row["ratio_overall"], _ = mean_std([c["ratio_overall"] for c in mine])
         row["pretrain_seconds"], _ = mean_std([c["pretrain_seconds"] for c in mine])
         for e in evals:
-            row[f"{e}_mean"], row[f"{e}_std"] = mean_std([c.get(f"{e}_accuracy") for c in mine])
-            diffs = [c[f"{e}_accuracy"] - reference[(c["seed"], e)] for c in mine
-                     if reference.get((c["seed"], e)) is not None]
+            key = f"{e}_{primary[e]}"
+            row[f"{e}_mean"], row[f"{e}_std"] = mean_std([c.get(key) for c in mine])
+            diffs = [c[key] - reference[(c["seed"], e)] for c in mine
+                     if reference.get((c["seed"], e)) is not None and c.get(key) is not None]
             row[f"{e}_delta"], row[f"{e}_delta_std"] = mean_std(diffs)
         rows.append(row)
     return rows
 
 
 def write_results(config: ExperimentConfig, run: Path, cells: list, prepared=None) -> dict:
-    from .run import CELL_FILE
-
     records = [r for r in (read_json_or_none(c.folder(run) / CELL_FILE) for c in cells) if r]
     done = {r["cell"] for r in records}
     missing = [c.key for c in cells if c.key not in done]
@@ -83,7 +91,8 @@ def write_results(config: ExperimentConfig, run: Path, cells: list, prepared=Non
         write_csv(run / "cells.csv", per_cell, list(per_cell[0]))
     write_csv(run / "results.csv", per_strategy, list(per_strategy[0]))
     localization = getattr(prepared, "localization", None)
-    results = {"name": config.name, "evaluations": evals, "reference": config.reference,
+    results = {"name": config.name, "evaluations": evals, "primary": primary_metrics(config),
+               "reference": config.reference,
                "strategies": per_strategy, "cells": per_cell, "missing": missing,
                "seeds": config.seeds,
                "localization_dice": (localization or {}).get("metrics", {}).get("dice", {}).get("mean")}
@@ -92,56 +101,3 @@ def write_results(config: ExperimentConfig, run: Path, cells: list, prepared=Non
     if per_cell:
         write_bytes(run / "accuracy_vs_ratio.png", accuracy_vs_ratio_png(results))
     return results
-
-
-def _pm(mean: float, std: float, digits: int = 3) -> str:
-    if math.isnan(mean):
-        return "–"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def _signed(mean: float, std: float) -> str:
-    return "–" if math.isnan(mean) else f"{mean:+.3f} ± {std:.3f}"
-
-
-def _number(value: float, digits: int) -> str:
-    return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
-
-
-def results_table(results: dict) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the strategy table as text cells, for Markdown and the report."""
-    evals, reference = results["evaluations"], results["reference"]
-    header = ["strategy", "masking", "regions", "settings", "seeds", "realized mask ratio",
-              "pretrain s"]
-    for e in evals:
-        header += [f"{e} accuracy"] + ([f"Δ vs {reference}"] if reference else [])
-    rows = []
-    for row in results["strategies"]:
-        cells = [row["strategy"], row["masking"], row["regions"], row["settings"],
-                 str(row["n_seeds"]), _number(row["ratio_overall"], 3),
-                 _number(row["pretrain_seconds"], 0)]
-        for e in evals:
-            cells.append(_pm(row[f"{e}_mean"], row[f"{e}_std"]))
-            if reference:
-                cells.append(_signed(row[f"{e}_delta"], row[f"{e}_delta_std"]))
-        rows.append(cells)
-    return header, rows
-
-
-def results_notes(results: dict) -> list[str]:
-    notes = [f"Accuracy: mean ± std over seeds {results['seeds']}, last epoch on the evaluation "
-             "split (no model selection on it). Δ: mean ± std of per-seed differences to the "
-             "reference (same seed = same initialization and data order)."]
-    if results.get("localization_dice") is not None:
-        notes.append(f"Localized regions: mean DSC {results['localization_dice']:.3f} against the "
-                     "masks on the test split.")
-    if results["missing"]:
-        notes.append(f"Missing cells ({len(results['missing'])}): " + ", ".join(results["missing"]))
-    return notes
-
-
-def results_markdown(results: dict) -> str:
-    header, rows = results_table(results)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    return "\n".join(lines) + "\n\n" + "\n\n".join(results_notes(results)) + "\n"

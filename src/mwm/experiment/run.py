@@ -15,76 +15,35 @@ the complete results; a partial table lists the cells still missing.
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import opt
 from ..errors import DataError
 from ..files import read_json_or_none, write_json
-from .config import ExperimentConfig, Strategy
+from .config import ExperimentConfig, task_of
+from .grid import CELL_FILE, Cell, Shard, cells_of
 from .prepare import Prepared, prepare
 
-CELL_FILE = "cell.json"
 PREPARED_FILE = "prepared.json"
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                 "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
 
-@dataclass(frozen=True)
-class Cell:
-    strategy: Strategy
-    seed: int
+@dataclass(kw_only=True)
+class ExperimentRunConfig:
+    """Settings of ``mwm experiment`` (the experiment itself is its YAML file)."""
 
-    @property
-    def key(self) -> str:
-        return f"{self.strategy.name}/seed{self.seed}"
-
-    def folder(self, run: Path) -> Path:
-        return run / "cells" / self.strategy.name / f"seed{self.seed}"
-
-
-@dataclass
-class Shard:
-    index: int = 0
-    count: int = 1
-    device: str = "auto"
-
-    @property
-    def main(self) -> bool:
-        return self.index == 0
-
-
-def cells_of(config: ExperimentConfig) -> list[Cell]:
-    return [Cell(strategy, seed) for strategy in config.strategies for seed in config.seeds]
-
-
-def shard_from(spec: str | None, device: str) -> Shard:
-    """``K/N`` from the command line, else torchrun's RANK/WORLD_SIZE, else a single process.
-
-    Under torchrun the variables are removed afterwards: each cell trains in one process
-    on its own device, never as one DDP job across the shards.
-    """
-    if spec:
-        try:
-            index, count = (int(part) for part in spec.split("/"))
-        except ValueError:
-            raise DataError(f"--shard {spec!r}: expected K/N, e.g. 0/4.") from None
-        if not 0 <= index < count:
-            raise DataError(f"--shard {spec}: K must be in 0..N-1.")
-        return Shard(index, count, device)
-    if "WORLD_SIZE" not in os.environ:
-        return Shard(0, 1, device)
-    index, count = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", index))
-    for name in TORCHRUN_VARS:
-        os.environ.pop(name, None)
-    if device == "auto":
-        import torch
-
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    return Shard(index, count, device)
+    experiment: str = opt(help="experiment file (see configs/ and docs/experiment.md)",
+                          positional=True, metavar="EXPERIMENT.yaml")
+    out: str | None = opt(None, "output folder (default: runs/<name>)")
+    shard: str | None = opt(None, "run every N-th cell starting at K (one process per GPU; "
+                            "automatic under torchrun)", metavar="K/N")
+    report: bool = opt(True, "write report.html")
+    workers: int | None = opt(None, "processes for phantom generation (default: every core) "
+                              "and data-loader workers of the cells (default: 0)", low=0)
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto (a GPU if there is one)")
+    quiet: bool = opt(False, "no progress bars")
 
 
 def run_experiment(config: ExperimentConfig, run: Path, *, shard: Shard | None = None,
@@ -121,7 +80,7 @@ def _prepared(config, run: Path, shard: Shard, workers: int, quiet: bool, log) -
     settings = config.fingerprint(config.data, config.localize)
     if shard.main:
         write_json(stamp, {"status": "preparing", "settings": settings})
-        prepared = prepare(config, run, workers=workers, quiet=quiet, log=log)
+        prepared = prepare(config, run, workers=workers, device=shard.device, quiet=quiet, log=log)
         paths = {k: str(v) if isinstance(v, Path) else v for k, v in prepared.__dict__.items()}
         write_json(stamp, {"status": "ready", "settings": settings, "prepared": paths})
         return prepared
@@ -165,8 +124,9 @@ def run_cell(config: ExperimentConfig, cell: Cell, run: Path, prepared: Prepared
     record["evaluations"] = {
         item["name"]: _evaluate(config, item, cell, folder, prepared, weights, device, workers)
         for item in config.evaluate}
-    for name, result in record["evaluations"].items():
-        log(f"  {name}: accuracy {result['accuracy']:.3f}")
+    for item in config.evaluate:
+        primary = task_of(item).primary
+        log(f"  {item['name']}: {primary} {record['evaluations'][item['name']][primary]:.3f}")
     write_json(folder / CELL_FILE, record)
     return record
 
@@ -198,18 +158,14 @@ def _realized_ratios(log_csv: Path) -> dict:
 
 def _evaluate(config, item: dict, cell: Cell, folder: Path, prepared: Prepared, weights,
               device: str, workers: int) -> dict:
-    from ..downstream.classify import FinetuneConfig, finetune
-
+    """Train and score the cell's encoder on one evaluation task (its last evaluation)."""
+    from ..config import default_of
+    from ..pretrain.config import PretrainConfig
+    task = task_of(item)
     # the same architecture and input size as pretraining unless the evaluation says otherwise
-    settings = {"workers": workers, "model": config.pretrain.get("model", "resnet50"),
-                "input_size": config.pretrain.get("input_size", 224),
-                **{k: v for k, v in item.items() if k != "name"}}
-    summary = finetune(FinetuneConfig(data=str(prepared.data), out=str(folder / f"eval_{item['name']}"),
-                                      weights=weights, seed=cell.seed, device=device,
-                                      resume="auto", quiet=True, **settings))
-    # the last epoch on the eval split: no model selection happened on it, so it is not
-    # optimistically biased the way the best epoch would be
-    metrics = summary["last"]["metrics"]
-    return {"split": summary["eval_split"], "epochs": summary["epochs_done"],
-            "seconds": summary["seconds"],
-            **{k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc") if k in metrics}}
+    inherited = {k: config.pretrain.get(k, default_of(PretrainConfig, k)) for k in task.inherits}
+    settings = {"workers": workers, **inherited, **task.fixed,
+                **{k: v for k, v in item.items() if k not in ("name", "task")}}
+    return task.run(task.config(data=str(prepared.data), out=str(folder / f"eval_{item['name']}"),
+                                weights=weights, seed=cell.seed, device=device, resume="auto",
+                                quiet=True, **settings))

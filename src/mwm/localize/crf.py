@@ -40,6 +40,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..config import opt
 from ..regions import as_unit_saliency
 
 #: Where the unary's 0.5 sits: the raw map, or the postprocessing's binarization cut.
@@ -53,15 +54,17 @@ INSTALL_HINT = ("the dense CRF needs the pydensecrf2 package: `pip install pyden
 class CRFParams:
     """Dense CRF parameters (defaults as in the published method, 5 iterations)."""
 
-    iterations: int = 5
-    tau: float = 1.0
-    eps: float = 1e-6
-    gaussian_sxy: float = 3.0
-    gaussian_compat: float = 3.0
-    bilateral_sxy: float = 50.0
-    bilateral_srgb: float = 5.0
-    bilateral_compat: float = 5.0
-    anchor: str = "map"
+    iterations: int = opt(5, "mean-field iterations", low=0)
+    tau: float = opt(1.0, "temperature of the unary energies", above=0.0)
+    eps: float = opt(1e-6, "added inside the logs of the unary energies", low=0.0)
+    gaussian_sxy: float = opt(3.0, "smoothness kernel: position std (pixels)", above=0.0)
+    gaussian_compat: float = opt(3.0, "smoothness kernel weight (0 = off)", low=0.0)
+    bilateral_sxy: float = opt(50.0, "appearance kernel: position std (pixels)", above=0.0)
+    bilateral_srgb: float = opt(5.0, "appearance kernel: colour std", above=0.0)
+    bilateral_compat: float = opt(5.0, "appearance kernel weight (0 = off)", low=0.0)
+    anchor: str = opt("map", "the CRF's decision point: the map's 0.5 (as published) or the "
+                      "--method cut, so the CRF moves the binarized region onto image edges",
+                      choices=ANCHORS)
 
     def __post_init__(self) -> None:
         if self.anchor not in ANCHORS:

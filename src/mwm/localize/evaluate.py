@@ -21,20 +21,36 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from ..config import opt
+from ..errors import DataError
+
 from ..metrics import CONVENTIONS, METRIC_NAMES, region_metrics
 
+DEFAULT_TOLERANCE_PX = 2.0
 PER_IMAGE_CSV = "per_image.csv"
 SUMMARY_JSON = "summary.json"
 CSV_COLUMNS = ("name", "has_prediction", *METRIC_NAMES, "gt_pixels", "pred_pixels", "error")
 
 
+@dataclass(kw_only=True)
+class EvaluateConfig:
+    """Settings of ``mwm evaluate``."""
+
+    pred: str = opt(help="folder of predicted masks", positional=True)
+    gt: str = opt(help="folder of ground-truth masks (every one is scored)", positional=True)
+    out: str | None = opt(None, "output folder (default: PRED_eval next to PRED)")
+    tolerance: float = opt(DEFAULT_TOLERANCE_PX, "NSD tolerance in pixels", low=0.0)
+    quiet: bool = opt(False, "no progress bars")
+
+
 def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
-                     out_dir: str | os.PathLike, *, tolerance_px: float = 2.0,
+                     out_dir: str | os.PathLike, *, tolerance_px: float = DEFAULT_TOLERANCE_PX,
                      spacing: Sequence[float] = (1.0, 1.0), progress: bool = True
                      ) -> dict[str, Any]:
     """Score every ground-truth mask in ``gt_dir`` against ``pred_dir``.
@@ -46,8 +62,7 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
     (``{name: {"mean", "std"}}``), ``extra_predictions``, ``tolerance_px``, ``spacing``
     and ``conventions``.
     """
-    from ..errors import DataError
-    from ..data.io import list_image_files, read_mask
+    from ..data.io import list_image_files
     from ..data.layouts import expand_slices, find_images
     from ..files import write_csv, write_json
     from ..progress import progress as progress_bar
@@ -67,29 +82,14 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
     for ref in progress_bar(gts, total=len(gts), desc="evaluate", unit="mask",
                             enabled=progress):
         pred_ref = preds.get(ref.name)
-        row: dict[str, Any] = {"name": ref.name, "has_prediction": int(pred_ref is not None)}
-        failing = ref.path
-        try:
-            gt = read_mask(ref)
-            if pred_ref is None:
-                pred = np.zeros(gt.shape, dtype=bool)
-            else:
-                failing = pred_ref.path
-                pred = read_mask(pred_ref, shape=gt.shape)
-            values = region_metrics(pred, gt, tolerance_px=tolerance_px, spacing=spacing)
-        except (DataError, ValueError, OSError) as err:
-            reason = f"{type(err).__name__}: {err}"
-            failures.append({"name": ref.name, "file": str(failing), "reason": reason})
-            row.update({name: "" for name in METRIC_NAMES}, gt_pixels="", pred_pixels="",
-                       error=reason)
-            rows.append(row)
+        row, values, failure = _score(ref, pred_ref, tolerance_px, spacing)
+        rows.append(row)
+        if failure is not None:
+            failures.append(failure)
             continue
         n_missing += pred_ref is None
         for name in METRIC_NAMES:
             scores[name].append(values[name])
-        row.update({name: f"{values[name]:.6f}" for name in METRIC_NAMES},
-                   gt_pixels=int(gt.sum()), pred_pixels=int(pred.sum()), error="")
-        rows.append(row)
 
     n_evaluated = len(gts) - len(failures)
     summary = {
@@ -117,6 +117,30 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
     write_csv(out_dir / PER_IMAGE_CSV, rows, CSV_COLUMNS)
     write_json(out_dir / SUMMARY_JSON, summary)
     return summary
+
+
+def _score(ref, pred_ref, tolerance_px: float, spacing) -> tuple[dict, dict | None, dict | None]:
+    """(per_image.csv row, metrics, failure) of one ground-truth mask and its prediction."""
+    from ..data.io import read_mask
+
+    row: dict[str, Any] = {"name": ref.name, "has_prediction": int(pred_ref is not None)}
+    failing = ref.path
+    try:
+        gt = read_mask(ref)
+        if pred_ref is None:
+            pred = np.zeros(gt.shape, dtype=bool)
+        else:
+            failing = pred_ref.path
+            pred = read_mask(pred_ref, shape=gt.shape)
+        values = region_metrics(pred, gt, tolerance_px=tolerance_px, spacing=spacing)
+    except (DataError, ValueError, OSError) as err:
+        reason = f"{type(err).__name__}: {err}"
+        row.update({name: "" for name in METRIC_NAMES}, gt_pixels="", pred_pixels="",
+                   error=reason)
+        return row, None, {"name": ref.name, "file": str(failing), "reason": reason}
+    row.update({name: f"{values[name]:.6f}" for name in METRIC_NAMES},
+               gt_pixels=int(gt.sum()), pred_pixels=int(pred.sum()), error="")
+    return row, values, None
 
 
 def _mean_std(values: list[float]) -> dict[str, float | None]:

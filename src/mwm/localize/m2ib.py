@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import opt
 from ..errors import DataError
 from .vlm import VLMAdapter
 
@@ -35,6 +36,15 @@ STD_EPS = 1e-6
 
 __all__ = ["M2IBConfig", "saliency_maps", "information_maps", "shifted_information",
            "kl_per_element", "image_seed"]
+
+
+def parse_layers(text: str) -> int | tuple[int, ...]:
+    """``--layer``: ``7`` or ``1,2`` (several blocks, their maps averaged)."""
+    try:
+        values = tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"expected a block index or indices such as 1,2, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
 
 
 @dataclass
@@ -64,19 +74,23 @@ class M2IBConfig:
     bilinear-upsampling ridges that otherwise decide where a threshold cuts.
     """
 
-    layer: int | tuple[int, ...] = 7
-    beta: float = 1.0
-    noise_scale: float = 1.0
-    steps: int = 10
-    samples: int = 10
-    lr: float = 1.0
-    alpha_init: float = 5.0
-    seed: int = 0
-    batch_size: int = 8
-    standardize: bool = True
-    amp: bool = False
-    shifts: int = 1
-    smooth: float = 0.0
+    layer: int | tuple[int, ...] = opt(7, "vision block (0-based) whose output passes the "
+                                       "bottleneck, or blocks such as 1,2: one map per block, "
+                                       "averaged", parse=parse_layers)
+    beta: float = opt(1.0, "weight of the information term", low=0.0)
+    noise_scale: float = opt(1.0, "std of the noise and prior", above=0.0)
+    steps: int = opt(10, "Adam steps per image", low=1)
+    samples: int = opt(10, "noise draws per step", low=1)
+    lr: float = opt(1.0, "Adam learning rate on alpha", low=0.0, flag="m2ib_lr")
+    alpha_init: float = opt(5.0, "initial alpha (sigmoid(5) keeps 99% of the signal)")
+    seed: int = opt(0, "noise seed (per image, from the image's name)")
+    batch_size: int = opt(8, "images optimized together (no effect on the maps)", low=1)
+    standardize: bool = opt(True, "standardize the block output per image and channel first")
+    amp: bool = opt(False, "bf16 autocast (faster on CPU and GPU)")
+    shifts: int = opt(1, "average the maps of N x N sub-patch shifts of the input: finer, "
+                      "less noisy maps for N^2 the time (1 = off)", low=1)
+    smooth: float = opt(0.0, "Gaussian blur of the map, std in patches, before it is mapped "
+                        "back to the image (0 = off)", low=0.0)
 
     def __post_init__(self):
         if isinstance(self.layer, (list, tuple)):  # one spelling per setting: fingerprints

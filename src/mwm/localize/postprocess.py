@@ -26,15 +26,15 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-from ..regions import (as_unit_saliency, check_box_ratio, check_connectivity, expand_boxes,
+from ..config import default_of, opt
+from ..regions import (CONNECTIVITIES, as_unit_saliency, check_box_ratio, check_connectivity, expand_boxes,
                        fill_holes, keep_largest_components)
 
-if TYPE_CHECKING:
-    from .crf import CRFParams
+from .crf import ANCHORS, CRFParams
 
 BINARIZE_METHODS = ("threshold", "otsu", "kmeans")
 #: How ``top_k`` ranks components: by pixel count, or by saliency mass (sum of the map).
@@ -141,14 +141,20 @@ class PostprocessConfig:
     rescaled so that cut becomes 0.5, the CRF's own decision point).
     """
 
-    method: str = "kmeans"
-    threshold: float = 0.3
-    top_k: int | None = None
-    fill: bool = True
-    box_ratio: float | None = None
-    crf: "CRFParams | None" = None
-    connectivity: int = 8
-    rank: str = "area"
+    method: str = opt("kmeans", "binarization: a fixed threshold, Otsu, or 2-cluster k-means on "
+                      "the map values", choices=BINARIZE_METHODS)
+    threshold: float = opt(0.3, "for --method threshold: foreground where saliency > T",
+                           low=0.0, high=1.0)
+    top_k: int | None = opt(None, "keep the K largest connected components (0 or none = all)",
+                            low=0)
+    fill: bool = opt(True, "fill holes")
+    box_ratio: float | None = opt(None, "replace each component by its box scaled by R about "
+                                  "its centre", low=1.0)
+    crf: "CRFParams | None" = opt(None, "dense CRF parameters (instead of binarization)",
+                                  cli=False)
+    connectivity: int = opt(8, "pixel connectivity of components", choices=CONNECTIVITIES)
+    rank: str = opt("area", "how --top-k ranks components: pixel count or saliency mass",
+                    choices=RANKS)
 
     def __post_init__(self) -> None:
         if self.rank not in RANKS:
@@ -157,6 +163,8 @@ class PostprocessConfig:
             raise ValueError(f"method must be one of {BINARIZE_METHODS}, got {self.method!r}")
         if not 0.0 <= float(self.threshold) <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.top_k == 0:
+            object.__setattr__(self, "top_k", None)  # 0 = every component, one spelling
         if self.top_k is not None and (isinstance(self.top_k, bool)
                                        or not isinstance(self.top_k, (int, np.integer))):
             raise ValueError(f"top_k must be an integer or None, got {self.top_k!r}")
@@ -186,8 +194,6 @@ class PostprocessConfig:
 def _crf_params(crf: Any) -> "CRFParams | None":
     if crf is None or crf is False:
         return None
-    from .crf import CRFParams
-
     if crf is True:
         return CRFParams()
     if isinstance(crf, CRFParams):
@@ -245,6 +251,31 @@ def _pipeline(p: np.ndarray, config: PostprocessConfig,
 
 
 # --------------------------------------------------------------------------- folders
+
+@dataclass(kw_only=True)
+class PostprocessRun:
+    """Settings of ``mwm postprocess``: the folders, and the postprocessing (the fields of
+    :class:`PostprocessConfig`, with the dense CRF as flags)."""
+
+    saliency: str = opt(help="folder of saliency maps (PNG, as `mwm localize` writes)",
+                        positional=True)
+    out: str = opt(help="the mask folder")
+    post: PostprocessConfig = opt(factory=PostprocessConfig, flatten=True)
+    boxes_out: str | None = opt(None, "also write the (scaled) boxes here", metavar="DIR")
+    crf: bool = opt(False, "dense CRF guided by the image instead of binarization (needs "
+                    "--images)")
+    crf_iterations: int = opt(default_of(CRFParams, "iterations"), "mean-field iterations", low=0)
+    crf_anchor: str = opt(default_of(CRFParams, "anchor"), "the CRF's decision point: the map's 0.5 "
+                          "(as published) or the --method cut", choices=ANCHORS)
+    images: str | None = opt(None, "the images the maps were made from (CRF)", metavar="DIR")
+    quiet: bool = opt(False, "no progress bars")
+
+    def postprocess_config(self) -> PostprocessConfig:
+        if not self.crf:
+            return self.post
+        return dataclasses.replace(self.post, crf={"iterations": self.crf_iterations,
+                                                   "anchor": self.crf_anchor})
+
 
 def postprocess_folder(saliency_dir: str | os.PathLike, out_dir: str | os.PathLike,
                        config: PostprocessConfig | Mapping[str, Any] | None = None, *,

@@ -12,9 +12,12 @@ Pairing is by name (file stem, any extension), never by listing order.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..config import opt
 
 from ..errors import DataError
 
@@ -26,6 +29,22 @@ from .crf import image_to_rgb8
 from .hub import DEFAULT_SAM
 from ..regions import component_boxes, keep_largest_components
 
+
+
+@dataclass(kw_only=True)
+class RefineConfig:
+    """Settings of ``mwm refine``."""
+
+    images: str = opt(help="image folder", positional=True)
+    masks: str = opt(help="coarse mask folder (paired with the images by file stem)",
+                     positional=True)
+    out: str = opt(help="the refined mask folder")
+    model: str = opt(DEFAULT_SAM, "transformers SamModel checkpoint: hub id (SAM, MedSAM e.g. "
+                     "wanglab/medsam-vit-base) or local folder")
+    top_k: int | None = opt(None, "components to keep (0 or none = as many as the coarse mask "
+                            "has)", low=0)
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto (a GPU if there is one)")
+    quiet: bool = opt(False, "no progress bars")
 
 
 class SamRefiner:

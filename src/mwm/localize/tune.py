@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..data.io import read_mask, read_slice, to_model_input
-from ..data.layouts import Sample
+from ..data.layouts import Sample, split_prompt
 from ..files import write_csv, write_json
 from ..metrics import dice
 from ..progress import progress as progress_bar
@@ -75,7 +75,7 @@ def tune(samples: list[Sample], saliency_fn: Callable, base_config, post: Postpr
     for sample in samples:
         image = read_slice(sample.image)
         images.append(to_model_input(image))
-        prompts.append([p.strip() for p in sample.prompt.split("|")])
+        prompts.append(split_prompt(sample.prompt))
         truths.append(read_mask(sample.mask, shape=image.shape))
     # The dense CRF follows the image: CRF candidates get it as the model saw it.
     needs_image = any(c.crf is not None for c in (post, *(posts or ())))

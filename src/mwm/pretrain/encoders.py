@@ -253,3 +253,15 @@ def create_encoder(arch: str, *, drop_path_rate: float | None = None, pretrained
         raise ValueError(f"{arch}: timm cannot build it with features_only=True ({err}); "
                          "only ResNet, ConvNeXt and models with feature_info are supported.") from err
     return GenericEncoder(arch, model, plain_keys, plain_shapes)
+
+
+def downsample_ratio(arch: str) -> int:
+    """The encoder's largest feature stride: the SparK mask cell (32 for ResNet/ConvNeXt)."""
+    with torch.random.fork_rng():  # building the model must not move anyone's random stream
+        return int(create_encoder(arch, drop_path_rate=0.0).downsample_ratio)
+
+
+def fit_input_size(size: int, arch: str) -> int:
+    """The largest multiple of the encoder's stride that is at most ``size`` (one cell at least)."""
+    ratio = downsample_ratio(arch)
+    return max(ratio, size - size % ratio)

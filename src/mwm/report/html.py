@@ -22,9 +22,12 @@ import base64
 import csv
 import html
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..config import opt
 
 from ..files import read_json_or_none, write_text
 from .plots import training_curves_png
@@ -73,6 +76,16 @@ def figure(image: np.ndarray | bytes | Path, caption: str = "", wide: bool = Fal
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
+@dataclass(kw_only=True)
+class ReportConfig:
+    """Settings of ``mwm report``."""
+
+    run_dir: str = opt(help="folder written by `mwm demo` or `mwm experiment`", positional=True,
+                       metavar="RUN_DIR")
+    out: str | None = opt(None, "report path (default: RUN_DIR/report.html)", metavar="FILE.html")
+    quiet: bool = opt(False, "print only the report's path")
+
+
 def write_report(run_dir: str | Path, path: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     path = Path(path) if path else run_dir / "report.html"
@@ -102,7 +115,7 @@ def render_report(run_dir: Path) -> str:
 # --------------------------------------------------------------------------- sections
 
 def _results_section(run_dir: Path, results: dict | None) -> str:
-    from ..experiment.results import results_notes, results_table
+    from .tables import results_notes, results_table
 
     if not results:
         return ""

@@ -25,7 +25,8 @@ def _png(fig) -> bytes:
 
 
 def accuracy_vs_ratio_png(results: dict) -> bytes:
-    """Accuracy (mean ± std over seeds) against the realized overall mask ratio.
+    """Each evaluation's primary metric (mean ± std over seeds; accuracy for classification)
+    against the realized overall mask ratio.
 
     One point per strategy: circles masking without regions, squares localized regions,
     triangles other region sources (ground truth, saliency); a dashed line for strategies
@@ -46,7 +47,7 @@ def accuracy_vs_ratio_png(results: dict) -> bytes:
             ax.errorbar(row["ratio_overall"], mean, yerr=std, fmt=marker, capsize=3,
                         label=row["strategy"])
         ax.set_xlabel("realized overall mask ratio")
-        ax.set_ylabel(f"{e} accuracy")
+        ax.set_ylabel(f"{e} {(results.get('primary') or {}).get(e, 'accuracy')}")
         ax.set_title(f"{results['name']}: {e}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # off the points

@@ -1,0 +1,353 @@
+"""The commands: for each, its config class, the library call, and what it prints.
+
+A command function receives its config (built from the flags by :mod:`mwm.cli.flags`),
+writes ``run_manifest.json`` around the library call, prints a summary and returns the
+exit status. Config classes are named by import path, so that ``mwm --help`` imports none
+of the heavy modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import DataError
+from ..runlog import RunManifest
+
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str                       # "clip train": a group and its action
+    help: str
+    config_path: str                # "module:Class"
+    run: Callable[[Any], int]
+
+    def config_class(self) -> type:
+        module, _, name = self.config_path.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+def settings(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def finish(failures: list[dict], unit: str) -> int:
+    """Summarize per-item failures of a batch job; non-zero exit if there were any."""
+    if not failures:
+        return EXIT_OK
+    print(f"{len(failures)} {unit}(s) failed:", file=sys.stderr)
+    for failure in failures[:20]:
+        print(f"  {failure.get('file') or failure.get('name')}: "
+              f"{failure.get('reason') or failure.get('error')}", file=sys.stderr)
+    if len(failures) > 20:
+        print(f"  ... and {len(failures) - 20} more (see the output folder)", file=sys.stderr)
+    return EXIT_FAILURES
+
+
+def main_rank() -> bool:
+    from ..engine import torchrun_env
+
+    return torchrun_env().main
+
+
+# --------------------------------------------------------------------------- data
+
+def run_phantoms(cfg) -> int:
+    from ..data.phantoms import generate_phantoms
+    from ..report.contact_sheet import write_phantom_sheet
+
+    with RunManifest(cfg.out, "phantoms", settings(cfg), cfg.seed) as run:
+        summary = generate_phantoms(cfg.out, modality=cfg.modality, n=cfg.n, size=cfg.size,
+                                    seed=cfg.seed, bit_depth=cfg.bit_depth, workers=cfg.workers,
+                                    class_folders=cfg.class_folders, progress=not cfg.quiet)
+        run.add(class_counts=summary.class_counts, split_counts=summary.split_counts,
+                seconds=summary.seconds)
+        write_phantom_sheet(cfg.out, cfg.modality)
+    rate = summary.n / max(summary.seconds, 1e-9)
+    print(f"wrote {summary.n} {summary.modality} phantoms ({summary.size}x{summary.size}) to "
+          f"{cfg.out} in {summary.seconds:.1f} s ({rate:.0f} images/s)")
+    print("classes: " + ", ".join(f"{k} {v}" for k, v in summary.class_counts.items()))
+    print("splits:  " + ", ".join(f"{k} {v}" for k, v in summary.split_counts.items()))
+    return EXIT_OK
+
+
+def run_inspect(cfg) -> int:
+    from ..data.inspect import inspect_dataset
+
+    report = inspect_dataset(cfg.data, masks=cfg.masks, prompts=cfg.prompts, axis=cfg.axis,
+                             progress=not cfg.quiet)
+    if cfg.out:
+        with RunManifest(cfg.out, "inspect", settings(cfg)) as run:
+            run.add(**report.summary())
+            report.write(cfg.out)
+    print(report.text())
+    return EXIT_FAILURES if report.failures else EXIT_OK
+
+
+# --------------------------------------------------------------------------- localization
+
+def run_clip_train(cfg) -> int:
+    from ..clip import train_clip
+
+    with RunManifest(cfg.out, "clip train", settings(cfg), cfg.seed) as run:
+        summary = train_clip(cfg)
+        run.add(final_loss=summary.final_loss, steps=summary.steps, seconds=summary.seconds,
+                images_per_second=summary.images_per_second, parameters=summary.parameters)
+    loss = "n/a" if summary.final_loss is None else f"{summary.final_loss:.4f}"
+    print(f"trained {summary.model} ({summary.parameters / 1e6:.1f} M parameters) on "
+          f"{summary.n_pairs} pairs for {summary.epochs} epochs in {summary.seconds:.0f} s "
+          f"({summary.images_per_second:.1f} images/s), last loss {loss}")
+    print(f"model folder: {cfg.out}  (use it with: mwm localize ... --model local-dir:{cfg.out})")
+    return EXIT_OK
+
+
+def run_localize(cfg) -> int:
+    from ..data.layouts import attach_prompts, load_prompts, open_dataset, replace_masks
+    from ..engine import torchrun_env
+    from ..localize.pipeline import TuneSpec, localize
+    from ..localize.postprocess import PostprocessConfig
+
+    if not cfg.prompt and not cfg.prompts:
+        raise DataError("give the prompt: --prompt TEXT (one for all images; 'a|b' is an "
+                        "ensemble) or --prompts FILE (per image, JSON or CSV).")
+    prompts = load_prompts(cfg.prompts) if cfg.prompts else None
+    source = cfg.prompts or "--prompt"
+    samples = attach_prompts(open_dataset(cfg.images).samples, prompts, cfg.prompt, source=source)
+    tune = None
+    if cfg.tune:
+        val_images, val_masks = cfg.tune
+        val = attach_prompts(replace_masks(open_dataset(val_images).samples, val_masks),
+                             prompts, cfg.prompt, source=source)
+        post = PostprocessConfig(method=cfg.method, threshold=cfg.threshold, top_k=cfg.top_k)
+        tune = TuneSpec(val, post, cfg.tune_images, cfg.m2ib.seed)
+    dist = torchrun_env()
+    with RunManifest(cfg.out, "localize", settings(cfg), cfg.m2ib.seed) as run:
+        summary = localize(samples, cfg.out, model=cfg.model, m2ib=cfg.m2ib, tune=tune,
+                           device=cfg.device, trust_remote_code=cfg.trust_remote_code,
+                           shard_of=(dist.rank, dist.world), progress=not cfg.quiet)
+        run.add(**summary.to_dict(), m2ib=summary.m2ib)
+    if summary.tune_rows:
+        m2ib, rows = summary.m2ib, summary.tune_rows
+        print(f"tuned on {rows[0]['n_images']} validation images: best beta {m2ib['beta']}, "
+              f"layer {m2ib['layer']}, noise-scale {m2ib['noise_scale']} "
+              f"(DSC {max(r['dice_mean'] for r in rows):.3f}); table in {cfg.out}/tune_table.csv")
+    print(f"{summary.n_written} saliency maps written, {summary.n_skipped} up to date (skipped), "
+          f"into {cfg.out}")
+    return finish(summary.failures, "image")
+
+
+def run_postprocess(cfg) -> int:
+    from ..files import write_json
+    from ..localize.postprocess import postprocess_folder
+
+    config = cfg.postprocess_config()
+    with RunManifest(cfg.out, "postprocess", settings(cfg)) as run:
+        summary = postprocess_folder(cfg.saliency, cfg.out, config, images_dir=cfg.images,
+                                     boxes_dir=cfg.boxes_out, progress=not cfg.quiet)
+        write_json(Path(cfg.out) / "postprocess_config.json", config.to_dict())
+        run.add(**{k: v for k, v in summary.items() if k != "config"})
+    print(f"wrote {summary['n_written']} region masks to {cfg.out}"
+          + (f" and boxes to {cfg.boxes_out}" if cfg.boxes_out else ""))
+    return finish(summary["failures"], "map")
+
+
+def run_refine(cfg) -> int:
+    from ..localize.refine import SamRefiner, refine_folder
+    from ..utils import resolve_device
+
+    with RunManifest(cfg.out, "refine", settings(cfg)) as run:
+        refiner = SamRefiner.from_pretrained(cfg.model, device=str(resolve_device(cfg.device)))
+        summary = refine_folder(cfg.images, cfg.masks, cfg.out, refiner, top_k=cfg.top_k or None,
+                                progress=not cfg.quiet)
+        run.add(**summary)
+    print(f"refined {summary['n_written']} of {summary['n_masks']} masks into {cfg.out}")
+    return finish(summary["failures"], "mask")
+
+
+def run_evaluate(cfg) -> int:
+    from ..localize.evaluate import evaluate_folders
+
+    out = cfg.out or str(Path(cfg.pred).parent / f"{Path(cfg.pred).name}_eval")
+    with RunManifest(out, "evaluate", settings(cfg)) as run:
+        summary = evaluate_folders(cfg.pred, cfg.gt, out, tolerance_px=cfg.tolerance,
+                                   progress=not cfg.quiet)
+        run.add(n_gt=summary["n_gt"], n_missing=summary["n_missing"], metrics=summary["metrics"])
+    print(f"{summary['n_gt']} ground-truth masks, {summary['n_missing']} without prediction "
+          f"(scored as empty), {summary['n_failed']} failed")
+    for name, stats in summary["metrics"].items():
+        if stats["mean"] is not None:
+            print(f"  {name:14s} {stats['mean']:.4f} ± {stats['std']:.4f}")
+    print(f"per-image table and summary: {out}")
+    return finish(summary["failures"], "image")
+
+
+# --------------------------------------------------------------------------- training
+
+def _on_main_rank(out: str, command: str, cfg) -> contextlib.AbstractContextManager:
+    """The run manifest, written by rank 0 only under torchrun."""
+    if main_rank():
+        return RunManifest(out, command, settings(cfg), getattr(cfg, "seed", None))
+    return contextlib.nullcontext()
+
+
+def run_pretrain(cfg) -> int:
+    from ..pretrain.train import pretrain
+
+    with _on_main_rank(cfg.out, "pretrain", cfg) as manifest:
+        summary = pretrain(cfg)
+        if manifest:
+            manifest.add(steps=summary.steps, epochs=summary.epochs_done,
+                         final_loss=summary.final_loss,
+                         images_per_second=round(summary.images_per_second, 2),
+                         encoder=summary.encoder_path, ranks_agree=summary.ranks_agree,
+                         realized_mask_ratios=summary.realized)
+    if main_rank():
+        loss = "n/a" if summary.final_loss is None else f"{summary.final_loss:.4f}"
+        print(f"pretrained {summary.steps} steps ({summary.epochs_done} epochs) in "
+              f"{summary.seconds:.0f} s, {summary.images_per_second:.1f} images/s, last loss {loss}")
+        if summary.realized:
+            print("realized mask ratios: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in summary.realized.items()))
+        print(f"checkpoint: {cfg.out}/checkpoint.pt  encoder: {summary.encoder_path}")
+    if summary.ranks_agree is False:
+        print("error: distributed ranks ended with different weights", file=sys.stderr)
+        return EXIT_FAILURES
+    return EXIT_OK
+
+
+def run_finetune(cfg) -> int:
+    from ..downstream.classify import REPORTED, finetune
+
+    with _on_main_rank(cfg.out, "finetune", cfg) as manifest:
+        summary = finetune(cfg)
+        if manifest:
+            manifest.add(best=summary.get("best"), last=summary.get("last"),
+                         eval_split=summary.get("eval_split"),
+                         ranks_agree=summary.get("ranks_agree"))
+    if main_rank():
+        result = summary.get("best") or summary.get("last") or summary.get("metrics") or {}
+        metrics = result.get("metrics", result)
+        shown = {k: metrics[k] for k in REPORTED if isinstance(metrics.get(k), (int, float))}
+        print(f"{cfg.mode} on {summary.get('eval_split', 'val')}: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+        print(f"outputs: {cfg.out}")
+    if summary.get("ranks_agree") is False:
+        print("error: distributed ranks ended with different weights or metrics", file=sys.stderr)
+        return EXIT_FAILURES
+    return EXIT_OK
+
+
+def run_detect(cfg) -> int:
+    from ..downstream.detect import detect
+
+    with RunManifest(cfg.out, "detect", settings(cfg), cfg.seed) as run:
+        summary = detect(cfg)
+        run.add(metrics=summary.get("metrics"), step=summary.get("step"), best=summary.get("best"))
+    metrics = summary.get("metrics") or {}
+    print("  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith(("/AP", "/AP50"))))
+    print(f"metrics, predictions and figures: {cfg.out}")
+    return EXIT_OK
+
+
+def run_export(cfg) -> int:
+    from ..downstream.convert import export_weights
+
+    info = export_weights(cfg.encoder, cfg.out, fmt=cfg.format, arch=cfg.model)
+    print(f"wrote {info['tensors']} {info['arch']} tensors in {cfg.format} key names to {cfg.out}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- experiments
+
+def run_demo(cfg) -> int:
+    from ..demo import demo_experiment, run_demo as demo
+    from ..report.tables import results_markdown
+
+    with RunManifest(cfg.out, "demo", {**settings(cfg), "experiment": demo_experiment(cfg)},
+                     cfg.seed) as run:
+        results, report = demo(cfg)
+        run.add(results=results["strategies"], localization_dice=results["localization_dice"])
+    print("\n" + results_markdown(results))
+    print(f"report: {report}")
+    return EXIT_FAILURES if results["failures"] else EXIT_OK
+
+
+def run_experiment_command(cfg) -> int:
+    from ..engine import torchrun_env
+    from ..experiment import load_experiment, run_experiment, shard_from
+    from ..experiment.grid import detach_from_torchrun
+    from ..report.html import write_report
+    from ..report.tables import results_markdown
+
+    config = load_experiment(cfg.experiment)
+    out = Path(cfg.out or Path("runs") / config.name)
+    shard = shard_from(cfg.shard, cfg.device, torchrun_env())
+    detach_from_torchrun()  # each cell trains as a single process on its shard's device
+    manifest_dir = out if shard.main else out / "shards" / str(shard.index)
+    with RunManifest(manifest_dir, "experiment",
+                     {**settings(cfg), "experiment_file": config.to_dict()}) as run:
+        results = run_experiment(config, out, shard=shard, workers=cfg.workers, quiet=cfg.quiet)
+        run.add(missing=results["missing"], failures=results["failures"])
+    report = write_report(out) if cfg.report else None
+    print("\n" + results_markdown(results))
+    print(f"results: {out / 'results.md'}" + (f"; report: {report}" if report else ""))
+    return finish([{"name": f.split(":")[0], "reason": f} for f in results["failures"]], "cell")
+
+
+def run_report(cfg) -> int:
+    from ..report.html import write_report
+
+    run_dir = Path(cfg.run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir}: not a folder; give the --out folder of `mwm demo` or "
+                        "`mwm experiment`.")
+    print(f"report: {write_report(run_dir, Path(cfg.out) if cfg.out else None)}")
+    return EXIT_OK
+
+
+COMMANDS = (
+    Command("phantoms", "write a synthetic labelled dataset (images, lesion masks, labels, "
+            "captions, prompts, COCO instances, splits)", "mwm.data.phantoms:PhantomConfig",
+            run_phantoms),
+    Command("demo", "run the pipeline on synthetic phantoms, offline: phantoms, CLIP, "
+            "localization, random vs region-aware pretraining, probes, report",
+            "mwm.demo:DemoConfig", run_demo),
+    Command("inspect", "check a dataset: read every image (and mask and prompt), report sizes, "
+            "value ranges and every problem with its file", "mwm.data.inspect:InspectConfig",
+            run_inspect),
+    Command("localize", "saliency maps of what a text prompt names, from a vision-language "
+            "model with the M2IB information bottleneck", "mwm.localize.pipeline:LocalizeConfig",
+            run_localize),
+    Command("clip train", "contrastive image-text training: a small CLIP from scratch or a "
+            "fine-tuned one, for localization", "mwm.clip.train:ClipTrainConfig", run_clip_train),
+    Command("postprocess", "turn saliency maps into region masks (threshold / Otsu / k-means or "
+            "dense CRF, top-k components, holes, boxes)",
+            "mwm.localize.postprocess:PostprocessRun", run_postprocess),
+    Command("refine", "refine coarse region masks with SAM box prompts (one box per component)",
+            "mwm.localize.refine:RefineConfig", run_refine),
+    Command("pretrain", "SparK-style sparse masked pretraining of a timm CNN, masking the "
+            "text-localized region heavily and the background lightly", "mwm.pretrain.config:PretrainConfig",
+            run_pretrain),
+    Command("finetune", "fine-tune or linear-probe a classifier from a pretrained encoder (or "
+            "from scratch) on labelled images", "mwm.downstream.classify:FinetuneConfig",
+            run_finetune),
+    Command("detect", "fine-tune Mask R-CNN (torchvision, ResNet-FPN) from a pretrained "
+            "encoder; COCO box and mask AP", "mwm.downstream.detect:DetectConfig", run_detect),
+    Command("export", "convert a pretrained encoder to timm, torchvision or Detectron2 key names",
+            "mwm.downstream.convert:ExportConfig", run_export),
+    Command("evaluate", "score predicted region masks against ground truth (DSC, NSD, "
+            "coverage, recall, box coverage/recall)", "mwm.localize.evaluate:EvaluateConfig",
+            run_evaluate),
+    Command("experiment", "compare masking strategies: a grid of strategies x seeds, each "
+            "pretrained and evaluated the same way (resumable)",
+            "mwm.experiment.run:ExperimentRunConfig", run_experiment_command),
+    Command("report", "write a self-contained HTML report of a demo or experiment folder "
+            "(figures embedded, opens offline)", "mwm.report.html:ReportConfig", run_report),
+)
