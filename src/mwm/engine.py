@@ -343,6 +343,20 @@ class Engine:
         self.step_count, self.epoch = int(state["step"]), int(state["epoch"])
 
 
+class EngineCounters:
+    """``step`` and ``epoch`` of a training run that keeps its :class:`Engine` as ``engine``."""
+
+    engine: Engine
+
+    @property
+    def step(self) -> int:
+        return self.engine.step_count
+
+    @property
+    def epoch(self) -> int:
+        return self.engine.epoch
+
+
 # --------------------------------------------------------------------------- resume and logs
 
 def settings_changes(saved: dict, mine: dict, *, ignore: Iterable[str] = (),

@@ -211,7 +211,8 @@ def run_pretrain(cfg) -> int:
     if main_rank():
         loss = "n/a" if summary.final_loss is None else f"{summary.final_loss:.4f}"
         print(f"pretrained {summary.steps} steps ({summary.epochs_done} epochs) in "
-              f"{summary.seconds:.0f} s, {summary.images_per_second:.1f} images/s, last loss {loss}")
+              f"{summary.seconds:.0f} s, {summary.images_per_second:.1f} images/s, "
+              f"last loss {loss}")
         if summary.realized:
             print("realized mask ratios: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in summary.realized.items()))
@@ -333,7 +334,8 @@ COMMANDS = (
     Command("refine", "refine coarse region masks with SAM box prompts (one box per component)",
             "mwm.localize.refine:RefineConfig", run_refine),
     Command("pretrain", "SparK-style sparse masked pretraining of a timm CNN, masking the "
-            "text-localized region heavily and the background lightly", "mwm.pretrain.config:PretrainConfig",
+            "text-localized region heavily and the background lightly",
+            "mwm.pretrain.config:PretrainConfig",
             run_pretrain),
     Command("finetune", "fine-tune or linear-probe a classifier from a pretrained encoder (or "
             "from scratch) on labelled images", "mwm.downstream.classify:FinetuneConfig",

@@ -311,7 +311,8 @@ class _ClipRun:
         captions = []
         for i, r in zip(idx.tolist(), mix):
             p = self.data[i]
-            use_prompt = cfg.prompt_mix > 0 and r < cfg.prompt_mix and p.prompt and is_finding(p.label)
+            use_prompt = (cfg.prompt_mix > 0 and r < cfg.prompt_mix and p.prompt
+                          and is_finding(p.label))
             captions.append(p.prompt if use_prompt else p.caption)
         x, captions = augment_batch(x, captions, generator, min_scale=cfg.min_scale,
                                     hflip=cfg.hflip, jitter=cfg.jitter)

@@ -12,7 +12,8 @@ metadata (MWM export or pretrain checkpoint); without them, mean/std are compute
 pass over the train split (``normalization`` in the summary records which). Training
 images get a seeded random resized crop (area 0.67–1) and horizontal flip.
 
-**Weights** (``weights``, read by :mod:`mwm.downstream.weights`): an MWM ``encoder.safetensors``, an MWM pretrain
+**Weights** (``weights``, read by :mod:`mwm.downstream.weights`): an MWM
+``encoder.safetensors``, an MWM pretrain
 ``checkpoint.pt`` or its run folder (the encoder is extracted through
 ``SparKModel.encoder_state_dict()``), a timm/PyTorch state dict (``.pth``/``.pt``/
 ``.bin``/``.safetensors``, optionally nested under ``state_dict``/``model``/``module``,

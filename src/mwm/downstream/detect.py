@@ -27,7 +27,8 @@ The reference fine-tunes Mask R-CNN R-50-FPN in Detectron2; MWM uses torchvision
   ``min_size = max_size = input_size`` (torchvision would otherwise upscale to 800 px,
   about 5x slower). ``multiscale=(s1, s2, …)`` picks the training size per step from
   that list (evaluation uses ``input_size``). Random horizontal flips during training.
-* **Data** (:mod:`mwm.downstream.coco`): a COCO folder as written by :func:`mwm.data.phantoms.generate_phantoms`
+* **Data** (:mod:`mwm.downstream.coco`): a COCO folder as written by
+  :func:`mwm.data.phantoms.generate_phantoms`
   (``images/`` + ``instances_{train,val}.json``); categories become labels 1..K
   (``num_classes = K + 1``); images without annotations are kept as negatives.
 * **Precision**: ``amp`` follows :func:`mwm.utils.resolve_amp` (default ``none``) for the
@@ -58,8 +59,8 @@ import torch
 
 from .. import checkpoint as checkpoint_io
 from ..config import check_ranges, opt
-from ..engine import (Engine, Schedule, build_optimizer, check_settings, epoch_batches,
-                      param_groups)
+from ..engine import (Engine, EngineCounters, Schedule, build_optimizer, check_settings,
+                      epoch_batches, param_groups)
 from ..errors import DataError
 from ..files import write_csv, write_json
 from ..pretrain.config import DEFAULT_ENCODER
@@ -268,7 +269,7 @@ def _model_for(cfg: DetectConfig, num_classes: int, checkpoint: dict | None):
     return model, arch, meta
 
 
-class _DetectRun:
+class _DetectRun(EngineCounters):
     def __init__(self, cfg: DetectConfig):
         from ..utils import resolve_device, seed_everything
 
@@ -300,14 +301,6 @@ class _DetectRun:
                                   checkpoint.get("best"))
             torch.set_rng_state(checkpoint["rng"]["torch"])
             self.train_set.rng.setstate(checkpoint["rng"]["flip"])
-
-    @property
-    def step(self) -> int:
-        return self.engine.step_count
-
-    @property
-    def epoch(self) -> int:
-        return self.engine.epoch
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg

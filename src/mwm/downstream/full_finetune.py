@@ -118,7 +118,8 @@ def run_finetune(runner: Finetuner) -> dict:
     while runner.epoch < cfg.epochs and runner.step < stop:
         epoch_t0 = time.perf_counter()
         lr, loss_value = train_epoch(runner, criterion, mixup, stop)
-        if runner.step % runner.steps_per_epoch == 0 and runner.step // runner.steps_per_epoch > runner.epoch:
+        per_epoch = runner.steps_per_epoch
+        if runner.step % per_epoch == 0 and runner.step // per_epoch > runner.epoch:
             runner.engine.epoch += 1
             average_bn_stats(runner.dist, model, ema_module(runner))
             metrics = runner.evaluate(eval_model(runner))
@@ -138,7 +139,8 @@ def train_epoch(runner, criterion, mixup, stop: int) -> tuple[float | None, floa
     """One epoch of optimizer steps (from where a resumed run stopped): (lr, mean loss)."""
     cfg, engine = runner.cfg, runner.engine
     runner.train_set.set_epoch(runner.epoch)
-    batches = epoch_batches(len(runner.train_set), runner.batch, runner.epoch, cfg.seed, runner.dist,
+    batches = epoch_batches(len(runner.train_set), runner.batch, runner.epoch, cfg.seed,
+                            runner.dist,
                             runner.steps_per_epoch)
     skip = runner.step - runner.epoch * runner.steps_per_epoch
     losses, lr = [], None

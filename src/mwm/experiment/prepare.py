@@ -141,7 +141,8 @@ def _saliency(config: ExperimentConfig, data: Path, run: Path, device: str, quie
 
     name = _vlm_name(config, data, run, quiet, log)
     defaults = PHANTOM_M2IB if "clip" in config.localize else {}
-    batch = {"batch_size": int(config.localize["batch_size"])} if "batch_size" in config.localize else {}
+    batch = ({"batch_size": int(config.localize["batch_size"])}
+             if "batch_size" in config.localize else {})
     m2ib = M2IBConfig(**{**defaults, **batch, **(config.localize.get("m2ib") or {})})
     prompt = str(config.localize["prompt"])
     samples = [replace(s, prompt=s.prompt or prompt) for s in open_dataset(data).samples]

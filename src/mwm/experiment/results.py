@@ -64,7 +64,8 @@ def strategy_rows(config: ExperimentConfig, cells: list[dict]) -> list[dict]:
     rows = []
     for strategy in config.strategies:
         mine = [c for c in cells if c["strategy"] == strategy.name]
-        row = {"strategy": strategy.name, "masking": strategy.masking, "pretrains": strategy.pretrains,
+        row = {"strategy": strategy.name, "masking": strategy.masking,
+               "pretrains": strategy.pretrains,
                "regions": strategy.regions if strategy.reads_regions else "",
                "settings": " ".join(f"{k}={v}" for k, v in strategy.params.items()),
                "n_seeds": len(mine)}

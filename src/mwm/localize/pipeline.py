@@ -106,7 +106,8 @@ class LocalizeConfig:
     prompts: str | None = opt(None, "per-image prompts (JSON or CSV); --prompt then covers images "
                               "the file lacks", metavar="FILE")
     model: str = opt(DEFAULT_VLM, "open_clip hf-hub:ORG/REPO, NAME:TAG, local-dir:PATH or a folder "
-                     "(e.g. from `mwm clip train`), or a transformers CLIP id; the default is BiomedCLIP")
+                     "(e.g. from `mwm clip train`), or a transformers CLIP id; the default is "
+                     "BiomedCLIP")
     trust_remote_code: bool = opt(False, "allow a transformers model's own code to run")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto (a GPU if there is one)")
     m2ib: M2IBConfig = opt(factory=M2IBConfig, flatten=True)

@@ -31,7 +31,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..config import default_of, opt
-from ..regions import (CONNECTIVITIES, as_unit_saliency, check_box_ratio, check_connectivity, expand_boxes,
+from ..regions import (CONNECTIVITIES, as_unit_saliency, check_box_ratio, check_connectivity,
+                       expand_boxes,
                        fill_holes, keep_largest_components)
 
 from .crf import ANCHORS, CRFParams
@@ -265,7 +266,8 @@ class PostprocessRun:
     crf: bool = opt(False, "dense CRF guided by the image instead of binarization (needs "
                     "--images)")
     crf_iterations: int = opt(default_of(CRFParams, "iterations"), "mean-field iterations", low=0)
-    crf_anchor: str = opt(default_of(CRFParams, "anchor"), "the CRF's decision point: the map's 0.5 "
+    crf_anchor: str = opt(default_of(CRFParams, "anchor"), "the CRF's decision point: the map's "
+                          "0.5 "
                           "(as published) or the --method cut", choices=ANCHORS)
     images: str | None = opt(None, "the images the maps were made from (CRF)", metavar="DIR")
     quiet: bool = opt(False, "no progress bars")

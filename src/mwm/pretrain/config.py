@@ -29,7 +29,8 @@ class PretrainConfig(MaskingParams):
                               "masking is random", metavar="DIR")
     model: str = opt(DEFAULT_ENCODER, "timm encoder (ResNet or ConvNeXt family, e.g. resnet18, "
                      "resnet50, convnext_tiny)")
-    input_size: int = opt(DEFAULT_INPUT_SIZE, "pixels, a multiple of the encoder's stride (32 for ResNet)",
+    input_size: int = opt(DEFAULT_INPUT_SIZE, "pixels, a multiple of the encoder's stride (32 "
+                          "for ResNet)",
                           low=8)
     decoder_width: int | None = opt(None, "decoder channels at the smallest scale (default: "
                                     "per encoder family)", low=8)

@@ -28,9 +28,9 @@ import torch
 
 from .. import checkpoint
 from ..data.layouts import open_dataset
-from ..engine import (CsvLog, Engine, Schedule, build_optimizer, check_settings, cosine_between,
-                      end_distributed, epoch_batches, init_distributed, param_groups, peak_lr,
-                      ranks_agree, step_seed)
+from ..engine import (CsvLog, Engine, EngineCounters, Schedule, build_optimizer, check_settings,
+                      cosine_between, end_distributed, epoch_batches, init_distributed,
+                      param_groups, peak_lr, ranks_agree, step_seed)
 from ..errors import DataError
 from ..progress import progress as progress_bar
 from .config import PretrainConfig
@@ -78,7 +78,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 # --------------------------------------------------------------------------- the run
 
-class Trainer:
+class Trainer(EngineCounters):
     """Holds the run's state; :meth:`run` is the loop."""
 
     def __init__(self, cfg: PretrainConfig):
@@ -140,14 +140,6 @@ class Trainer:
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         return model
-
-    @property
-    def step(self) -> int:
-        return self.engine.step_count
-
-    @property
-    def epoch(self) -> int:
-        return self.engine.epoch
 
     # ---- the loop
 
