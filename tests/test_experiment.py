@@ -132,7 +132,7 @@ def test_torchrun_environment_becomes_a_shard(monkeypatch):
                         ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
         monkeypatch.setenv(name, value)
     from mwm.engine import torchrun_env
-    from mwm.experiment.grid import detach_from_torchrun
+    from mwm.runtime import detach_from_torchrun
 
     shard = shard_from(None, "cpu", torchrun_env())
     assert (shard.index, shard.count, shard.device) == (1, 3, "cpu")

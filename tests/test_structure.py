@@ -114,7 +114,7 @@ def test_one_learning_rate_schedule():
 @pytest.mark.parametrize("call", [r"set_flush_denormal", r"set_num_threads", r"os\.environ\.pop",
                                   r"os\.environ\[[^]]+\]\s*=", r"os\.environ\.setdefault"])
 def test_process_state_is_set_by_entry_points_only(call):
-    allowed = {"runtime.py", "experiment/grid.py"}  # the entry points' helpers
+    allowed = {"runtime.py"}  # the entry points' helpers
     offenders = [str(p.relative_to(SRC)) for p in SRC.rglob("*.py")
                  if re.search(call, p.read_text()) and str(p.relative_to(SRC)) not in allowed]
     assert not offenders, f"{call} in library code: {offenders}"

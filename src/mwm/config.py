@@ -74,9 +74,13 @@ def check_ranges(config: Any) -> None:
         if not isinstance(value, (int, float)) or not math.isfinite(value) \
                 or (low is not None and value < low) or (high is not None and value > high) \
                 or (above is not None and value <= above):
-            bounds = (f"> {above}" if above is not None else
-                      f"in [{low}, {high}]" if low is not None and high is not None else
-                      f">= {low}" if low is not None else f"<= {high}")
+            lower = f"({above}" if above is not None else f"[{low}" if low is not None else None
+            if lower is not None and high is not None:
+                bounds = f"in {lower}, {high}]"
+            elif lower is not None:
+                bounds = f"> {above}" if above is not None else f">= {low}"
+            else:
+                bounds = f"<= {high}"
             raise DataError(f"{name} must be a number {bounds}, got {value!r}")
 
 

@@ -140,10 +140,10 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 
 
 def epoch_batches(n_items: int, batch: int, epoch: int, seed: int, dist: Dist,
-                  n_batches: int) -> list[list[int]]:
+                  n_batches: int, stride: int = 1_000_003) -> list[list[int]]:
     """This rank's ``n_batches`` batches of an epoch from a permutation seeded by
-    (seed, epoch); each global batch is split between the ranks."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    ``seed * stride + epoch``; each global batch is split between the ranks."""
+    generator = torch.Generator().manual_seed(seed * stride + epoch)
     order = torch.randperm(n_items, generator=generator).tolist()
     global_batch = batch * dist.world
     return [order[b * global_batch + dist.rank * batch: b * global_batch + (dist.rank + 1) * batch]
@@ -151,6 +151,11 @@ def epoch_batches(n_items: int, batch: int, epoch: int, seed: int, dist: Dist,
 
 
 # --------------------------------------------------------------------------- schedules
+
+#: SparK's warm-up start and cosine floor (fractions of the peak), used by pretraining and
+#: fine-tuning.
+SPARK_WARMUP_START, SPARK_FLOOR = 0.005, 0.001
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -210,14 +215,15 @@ def peak_lr(base_lr: float, global_batch: int, lr: float | None = None, per: int
 
 def param_groups(model: nn.Module, *, decays: Callable[[str, nn.Parameter], bool],
                  weight_decay: float = 0.0, layer: Callable[[str], int] | None = None,
-                 layer_scale: Callable[[int], float] | None = None) -> list[dict]:
-    """Optimizer groups of the trainable parameters: one per (layer, decays?) in the order
-    the parameters appear.
+                 layer_scale: Callable[[int], float] | None = None,
+                 order: Callable[[tuple[int, bool]], object] | None = None) -> list[dict]:
+    """Optimizer groups of the trainable parameters: one per (layer, decays?).
 
     ``decays(name, param)``: whether weight decay applies; ``layer(name)``: the layer id
     for layer-wise learning rates, with ``layer_scale(id)`` its lr multiplier. Each group
     carries ``lr_scale`` and ``wd_scale`` (1 or 0) for :meth:`Engine.step` and starts with
-    ``weight_decay`` (or 0).
+    ``weight_decay`` (or 0). Groups come in the order their first parameter appears, or
+    sorted by ``order((layer, decays))``: a task keeps the order its checkpoints store.
     """
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
@@ -234,7 +240,8 @@ def param_groups(model: nn.Module, *, decays: Callable[[str, nn.Parameter], bool
                 "wd_scale": 1.0 if decay else 0.0,
                 "weight_decay": weight_decay if decay else 0.0}
         group["params"].append(param)
-    return list(groups.values())
+    keys = sorted(groups, key=order) if order is not None else list(groups)
+    return [groups[k] for k in keys]
 
 
 OPTIMIZERS = ("adamw", "lamb")
@@ -337,7 +344,19 @@ class Engine:
                 "step": self.step_count, "epoch": self.epoch}
 
     def restore(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Continue from a checkpoint's :meth:`state` (the model is the task's to load)."""
+        # loading replaces the groups with the saved ones: keep this run's lr/wd scales,
+        # which checkpoints of earlier versions did not store
+        scales = [(g.get("lr_scale", 1.0), g.get("wd_scale", 1.0))
+                  for g in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as err:
+            raise DataError(f"--resume: the checkpoint's optimizer does not fit this run's "
+                            f"parameter groups ({err}); it was written with other settings or "
+                            "another MWM version. Start a new run folder.") from err
+        for group, (lr_scale, wd_scale) in zip(self.optimizer.param_groups, scales):
+            group["lr_scale"], group["wd_scale"] = lr_scale, wd_scale
         if self.scaler.is_enabled() and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step_count, self.epoch = int(state["step"]), int(state["epoch"])

@@ -24,8 +24,9 @@ __all__ = ["build_parser", "main", "parse_args"]
 BY_NAME = {c.name: c for c in COMMANDS}
 DESCRIPTION = ("Mask What Matters: text-guided masked image modeling for medical imaging. "
                "Run `mwm demo` for the whole pipeline on synthetic data.")
-#: Commands that train or compute: they get the process-wide numeric settings.
-NO_COMPUTE = ("report", "export", "inspect")
+#: The commands that train: they get the process-wide numeric settings (the others ran
+#: without them before, and their outputs stay bit for bit what they were).
+TRAINING = ("clip train", "pretrain", "finetune", "detect", "experiment", "demo")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -98,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = BY_NAME[name]
     try:
         cfg = config_from_args(cmd.config_class(), args)
-        if name not in NO_COMPUTE:
+        if name in TRAINING:
             from ..runtime import configure_process
 
             configure_process()

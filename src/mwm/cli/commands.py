@@ -283,7 +283,7 @@ def run_demo(cfg) -> int:
 def run_experiment_command(cfg) -> int:
     from ..engine import torchrun_env
     from ..experiment import load_experiment, run_experiment, shard_from
-    from ..experiment.grid import detach_from_torchrun
+    from ..runtime import detach_from_torchrun
     from ..report.html import write_report
     from ..report.tables import results_markdown
 

@@ -20,7 +20,7 @@ from dataclasses import MISSING
 from pathlib import Path
 from typing import Any
 
-from ..config import flag_name, load_yaml
+from ..config import check_ranges, flag_name, load_yaml
 from ..errors import DataError
 
 
@@ -140,7 +140,9 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
         if value is None and flag.required:
             raise DataError(f"missing {flag.label}: give it on the command line or in --config.")
         values[f.name] = tuple(value) if isinstance(value, list) else value
-    return cls(**values)
+    config = cls(**values)
+    check_ranges(config)  # also for configs that do not check themselves
+    return config
 
 
 def config_defaults(parser: argparse.ArgumentParser, path: str | Path) -> dict[str, Any]:

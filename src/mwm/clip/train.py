@@ -204,9 +204,9 @@ class _ClipRun:
             raise DataError(f"{cfg.pairs}: only {n} training pair(s); contrastive training "
                             "needs at least 2.")
         total = cfg.epochs * self.steps_per_epoch
-        optimizer = build_optimizer(param_groups(self.net, decays=decays,
-                                                 weight_decay=cfg.weight_decay),
-                                    "adamw", betas=(0.9, 0.98), eps=1e-6)
+        groups = param_groups(self.net, decays=decays, weight_decay=cfg.weight_decay,
+                              order=lambda key: not key[1])  # decay group first (as saved)
+        optimizer = build_optimizer(groups, "adamw", betas=(0.9, 0.98), eps=1e-6)
         self.engine = Engine(self.net, optimizer, device=self.device, amp=self.amp_mode,
                              schedule=Schedule(peak, total, int(round(cfg.warmup * total)),
                                                shift=1, end=total),

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint as checkpoint_io
-from ..config import check_ranges, opt
+from ..config import check_ranges, default_of, opt
 from ..engine import (Engine, EngineCounters, Schedule, build_optimizer, check_settings,
                       epoch_batches, param_groups)
 from ..errors import DataError
@@ -78,6 +78,9 @@ BEST_NAME = "best.pt"
 STAGE_LR_EXPONENTS = {"conv1": 6, "bn1": 6, "layer1": 4, "layer2": 3, "layer3": 2, "layer4": 1}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Detection's epoch shuffle is seeded by seed * SHUFFLE_STRIDE + epoch (its stream since
+#: detection was written; other trainers use the engine's default).
+SHUFFLE_STRIDE = 100_003
 SELECTABLE = tuple(f"{kind}/{m}" for kind in ("bbox", "segm") for m in METRIC_NAMES)
 
 
@@ -145,12 +148,15 @@ class DetectConfig:
 
 # --------------------------------------------------------------------------- model
 
-def build_model(arch: str, num_classes: int, *, input_size: int = 256,
-                multiscale: Sequence[int] | None = None, norm: str = "frozen",
+def build_model(arch: str, num_classes: int, *,
+                input_size: int = default_of(DetectConfig, "input_size"),
+                multiscale: Sequence[int] | None = None,
+                norm: str = default_of(DetectConfig, "norm"),
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                rpn_batch_size: int = 256, roi_batch_size: int = 512,
-                score_thresh: float = 0.05, weights: dict[str, torch.Tensor] | None = None,
-                source: str = "the weights"):
+                rpn_batch_size: int = default_of(DetectConfig, "rpn_batch_size"),
+                roi_batch_size: int = default_of(DetectConfig, "roi_batch_size"),
+                score_thresh: float = default_of(DetectConfig, "score_thresh"),
+                weights: dict[str, torch.Tensor] | None = None, source: str = "the weights"):
     """A torchvision ``MaskRCNN`` with a ResNet-FPN backbone (all stages trainable).
 
     ``weights``: a timm ResNet state dict loaded strictly into ``backbone.body``.
@@ -190,7 +196,8 @@ def stage_groups(model, decay: float, weight_decay: float) -> list[dict]:
         return STAGE_LR_EXPONENTS.get(stage, 0) if stage else 0
 
     return param_groups(model, decays=lambda name, p: True, weight_decay=weight_decay,
-                        layer=exponent, layer_scale=lambda e: decay ** e)
+                        layer=exponent, layer_scale=lambda e: decay ** e,
+                        order=lambda key: -key[0])  # stem first (as saved)
 
 
 def train_step(engine: Engine, images, targets) -> dict[str, float]:
@@ -326,7 +333,8 @@ class _DetectRun(EngineCounters):
         cfg = self.cfg
         self.model.train()
         batches = epoch_batches(len(self.train_set), cfg.batch_size, self.epoch, cfg.seed,
-                                self.engine.dist, self.steps_per_epoch)
+                                self.engine.dist, self.steps_per_epoch,
+                                stride=SHUFFLE_STRIDE)
         for batch in batches[self.step - self.epoch * self.steps_per_epoch:]:
             if cfg.max_steps is not None and self.step >= cfg.max_steps:
                 return True

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from .. import checkpoint
-from ..engine import (Engine, Schedule, average_bn_stats, build_optimizer, epoch_batches,
-                      param_groups, peak_lr, step_seed)
+from ..engine import (SPARK_FLOOR, SPARK_WARMUP_START, Engine, Schedule, average_bn_stats,
+                      build_optimizer, epoch_batches, param_groups, peak_lr, step_seed)
 from ..errors import DataError
 from ..progress import progress as progress_bar
 from .classifier import LAST, Finetuner, _cpu_state
@@ -66,7 +66,8 @@ def finetune_optimizer(model: nn.Module, cfg) -> tuple[torch.optim.Optimizer, st
     ids, n_layers, how = layer_groups(model)
     groups = param_groups(model, decays=lambda name, p: not (p.ndim <= 1 or name.endswith(".bias")),
                           weight_decay=cfg.wd, layer=ids.__getitem__,
-                          layer_scale=lambda i: cfg.layer_decay ** (n_layers - 1 - i))
+                          layer_scale=lambda i: cfg.layer_decay ** (n_layers - 1 - i),
+                          order=lambda key: key)  # by layer, no-decay first (as saved)
     return build_optimizer(groups, cfg.optimizer, betas=(0.9, 0.999)), how
 
 
@@ -99,7 +100,7 @@ def run_finetune(runner: Finetuner) -> dict:
     total = cfg.epochs * runner.steps_per_epoch
     schedule = Schedule(peak_lr(cfg.base_lr, batch * runner.dist.world, cfg.lr), total,
                         int(round(cfg.warmup_epochs * runner.steps_per_epoch)),
-                        start=0.005, floor=0.001)
+                        start=SPARK_WARMUP_START, floor=SPARK_FLOOR)
     optimizer, runner.grouping = finetune_optimizer(model, cfg)
     runner.engine = Engine(model, optimizer, device=runner.device, amp=cfg.amp,
                          schedule=schedule, dist=runner.dist)

@@ -213,6 +213,7 @@ def _check_sections(config: ExperimentConfig) -> None:
 
 def _check_fields(config: ExperimentConfig, source: str) -> None:
     """Section keys must be fields of the settings object they configure."""
+    from ..clip.train import config_fields as clip_fields
     from ..localize.m2ib import M2IBConfig
     from ..localize.postprocess import PostprocessConfig
     from ..pretrain.train import PretrainConfig
@@ -226,5 +227,8 @@ def _check_fields(config: ExperimentConfig, source: str) -> None:
         allowed = (task.settings() - CELL_OWNED) | set(task.fixed) | {"name", "task"}
         _check_keys(item, allowed, source, f"evaluate ({item['name']}, task {task.name})")
     _check_keys(config.localize.get("m2ib") or {}, fields(M2IBConfig), source, "localize.m2ib")
+    clip = config.localize.get("clip")
+    if clip is not None:
+        _check_keys(clip, clip_fields() | {"seconds"}, source, "localize.clip")
     _check_keys(config.localize.get("postprocess") or {}, fields(PostprocessConfig), source,
                 "localize.postprocess")

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +11,6 @@ from ..errors import DataError
 from .config import ExperimentConfig, Strategy
 
 CELL_FILE = "cell.json"
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                 "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
 
 @dataclass(frozen=True)
@@ -48,7 +45,7 @@ def shard_from(spec: str | None, device: str, env: Dist | None = None) -> Shard:
     """``K/N`` from the command line, else torchrun's ranks (``env``, read by the entry
     point), else a single process. Each cell trains in one process on its own device, never
     as one DDP job across the shards: the entry point leaves torchrun's process group out
-    (:func:`detach_from_torchrun`)."""
+    (:func:`mwm.runtime.detach_from_torchrun`)."""
     if spec:
         try:
             index, count = (int(part) for part in spec.split("/"))
@@ -64,10 +61,3 @@ def shard_from(spec: str | None, device: str, env: Dist | None = None) -> Shard:
 
         device = f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu"
     return Shard(env.rank, env.world, device)
-
-
-def detach_from_torchrun() -> None:
-    """For the entry point: forget torchrun's variables, so the cells' trainers run as
-    single processes (one cell per rank) instead of joining one process group."""
-    for name in TORCHRUN_VARS:
-        os.environ.pop(name, None)

@@ -36,7 +36,8 @@ from .config import ExperimentConfig
 # demo's seed-0 CLIP: DSC 0.37 -> 0.30), so it is off here.
 # An experiment's phantom dataset when its file leaves a setting out.
 PHANTOM_DATA = dict(modality="brain-mri", n=400, size=128, seed=0)
-PHANTOM_CLIP = dict(model="scratch-tiny", batch_size=32, prompt_mix=0.2, token_max_weight=0.0)
+PHANTOM_CLIP = dict(model="scratch-tiny", epochs=10, batch_size=32, prompt_mix=0.2,
+                    token_max_weight=0.0)
 PHANTOM_M2IB = dict(layer=2, noise_scale=0.5, shifts=3, smooth=0.4)
 # The published binarization (2-cluster k-means), one region per image, the component
 # with the most saliency (not the largest) kept. No CRF by default: it is an optional extra.
@@ -61,12 +62,12 @@ class Prepared:
 
 
 def prepare(config: ExperimentConfig, run: Path, *, workers: int | None = None,
-            device: str = "auto", quiet: bool = False, log=print) -> Prepared:
+            quiet: bool = False, log=print) -> Prepared:
     data = _dataset(config, run / "data", workers, quiet, log)
     masks = data / "masks" if (data / "masks").is_dir() else None
     if not config.needs_localization():
         return Prepared(data, masks, None, None, None)
-    saliency, n_new_maps = _saliency(config, data, run, device, quiet, log)
+    saliency, n_new_maps = _saliency(config, data, run, quiet, log)
     regions = run / "regions"
     _postprocess(config, data, saliency, regions, n_new_maps, quiet)
     scores = _score(data, regions, run / "localization", quiet) if masks else None
@@ -132,7 +133,7 @@ def _vlm_name(config: ExperimentConfig, data: Path, run: Path, quiet: bool, log)
     return name
 
 
-def _saliency(config: ExperimentConfig, data: Path, run: Path, device: str, quiet: bool,
+def _saliency(config: ExperimentConfig, data: Path, run: Path, quiet: bool,
               log) -> tuple[Path, int]:
     """The saliency folder and how many maps this call (re)wrote."""
     from ..data.layouts import open_dataset
@@ -141,13 +142,14 @@ def _saliency(config: ExperimentConfig, data: Path, run: Path, device: str, quie
 
     name = _vlm_name(config, data, run, quiet, log)
     defaults = PHANTOM_M2IB if "clip" in config.localize else {}
-    batch = ({"batch_size": int(config.localize["batch_size"])}
-             if "batch_size" in config.localize else {})
-    m2ib = M2IBConfig(**{**defaults, **batch, **(config.localize.get("m2ib") or {})})
+    m2ib = M2IBConfig(**{**defaults, **(config.localize.get("m2ib") or {})})
     prompt = str(config.localize["prompt"])
     samples = [replace(s, prompt=s.prompt or prompt) for s in open_dataset(data).samples]
     out = run / "saliency"
-    summary = localize(samples, out, model=name, m2ib=m2ib, device=device, progress=not quiet)
+    # on the CPU, as always: a map's fingerprint does not name the device, and CPU and GPU
+    # noise streams differ, so one folder never mixes the two
+    summary = localize(samples, out, model=name, m2ib=m2ib, device="cpu", progress=not quiet,
+                       write_batch=int(config.localize.get("batch_size", 8)))
     log(f"saliency: {out} ({summary.n_written} new, {summary.n_skipped} up to date)")
     return out, summary.n_written
 

@@ -80,7 +80,7 @@ def _prepared(config, run: Path, shard: Shard, workers: int, quiet: bool, log) -
     settings = config.fingerprint(config.data, config.localize)
     if shard.main:
         write_json(stamp, {"status": "preparing", "settings": settings})
-        prepared = prepare(config, run, workers=workers, device=shard.device, quiet=quiet, log=log)
+        prepared = prepare(config, run, workers=workers, quiet=quiet, log=log)
         paths = {k: str(v) if isinstance(v, Path) else v for k, v in prepared.__dict__.items()}
         write_json(stamp, {"status": "ready", "settings": settings, "prepared": paths})
         return prepared

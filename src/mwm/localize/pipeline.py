@@ -129,14 +129,16 @@ SaliencyFn = Callable[[list[np.ndarray], list, list[str]], list[np.ndarray]]
 
 def localize(samples: list[Sample], out: str | Path, *, model, m2ib, tune: TuneSpec | None = None,
              device: str = "auto", trust_remote_code: bool = False, model_id: str | None = None,
-             shard_of: tuple[int, int] = (0, 1), progress: bool = True) -> LocalizeSummary:
+             shard_of: tuple[int, int] = (0, 1), write_batch: int | None = None,
+             progress: bool = True) -> LocalizeSummary:
     """Saliency maps of every sample's prompt into ``out`` (see the module docstring).
 
     ``model``: a model name or folder (:func:`~mwm.localize.vlm.load_vlm`) or an adapter;
     ``m2ib``: an :class:`~mwm.localize.m2ib.M2IBConfig`; ``tune``: tune beta x layer x
     noise-scale first and use the best; ``model_id``: what identifies the model in the
     maps' fingerprints (default: the name, with the weight files of a local folder);
-    ``shard_of``: ``(rank, world)`` of this process.
+    ``shard_of``: ``(rank, world)`` of this process; ``write_batch``: images per call of
+    the saliency function (default: M2IB's batch size; no effect on the maps).
     """
     from ..utils import resolve_device
     from .m2ib import saliency_maps
@@ -151,13 +153,14 @@ def localize(samples: list[Sample], out: str | Path, *, model, m2ib, tune: TuneS
     rows: list[dict] = []
     if tune is not None:
         m2ib, rows = _tuned(adapter, m2ib, tune, out, progress)
+    name = model if isinstance(model, str) else adapter.name
     if model_id is None:
-        model_id = model_identity(model) if isinstance(model, str) else adapter.name
-    write_json(Path(out) / CONFIG_FILE, {"model": model_id, **m2ib.to_dict()})
+        model_id = model_identity(name) if isinstance(model, str) else name
+    write_json(Path(out) / CONFIG_FILE, {"model": name, **m2ib.to_dict()})
     summary = write_maps(
         shard(samples, *shard_of), out,
         lambda im, pr, names: saliency_maps(adapter, im, pr, m2ib, keys=names),
-        model_id=model_id, params=m2ib.to_dict(), batch_size=m2ib.batch_size,
+        model_id=model_id, params=m2ib.to_dict(), batch_size=write_batch or m2ib.batch_size,
         progress=progress)
     summary.m2ib, summary.tune_rows = m2ib.to_dict(), rows
     return summary

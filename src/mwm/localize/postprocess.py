@@ -204,11 +204,9 @@ def _crf_params(crf: Any) -> "CRFParams | None":
     raise ValueError(f"crf must be None, True, a CRFParams or a dict, got {type(crf).__name__}")
 
 
-def postprocess(saliency: Any, *, method: str = "kmeans", threshold: float = 0.3,
-                top_k: int | None = None, fill: bool = True, box_ratio: float | None = None,
-                crf: Any = None, image: Any = None, connectivity: int = 8,
-                rank: str = "area") -> np.ndarray:
-    """Saliency map → bool region mask of the same size, in one call.
+def postprocess(saliency: Any, *, image: Any = None, **settings: Any) -> np.ndarray:
+    """Saliency map → bool region mask of the same size, in one call; ``settings`` are
+    :class:`PostprocessConfig` fields (its defaults otherwise).
 
     Binarize (``method``, ``threshold``) — or, when ``crf`` is given (True, a
     :class:`~mwm.localize.crf.CRFParams` or a dict of its fields), refine with a dense CRF
@@ -218,10 +216,7 @@ def postprocess(saliency: Any, *, method: str = "kmeans", threshold: float = 0.3
     ``box_ratio`` is set replace the components by their boxes scaled by it.
     A constant map gives an empty mask.
     """
-    config = PostprocessConfig(method=method, threshold=threshold, top_k=top_k, fill=fill,
-                               box_ratio=box_ratio, crf=crf, connectivity=connectivity,
-                               rank=rank)
-    return config.apply(saliency, image)
+    return PostprocessConfig(**settings).apply(saliency, image)
 
 
 def _pipeline(p: np.ndarray, config: PostprocessConfig,

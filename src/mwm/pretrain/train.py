@@ -28,9 +28,10 @@ import torch
 
 from .. import checkpoint
 from ..data.layouts import open_dataset
-from ..engine import (CsvLog, Engine, EngineCounters, Schedule, build_optimizer, check_settings,
-                      cosine_between, end_distributed, epoch_batches, init_distributed,
-                      param_groups, peak_lr, ranks_agree, step_seed)
+from ..engine import (SPARK_FLOOR, SPARK_WARMUP_START, CsvLog, Engine, EngineCounters, Schedule,
+                      build_optimizer, check_settings, cosine_between, end_distributed,
+                      epoch_batches, init_distributed, param_groups, peak_lr, ranks_agree,
+                      step_seed)
 from ..errors import DataError
 from ..progress import progress as progress_bar
 from .config import PretrainConfig
@@ -103,9 +104,10 @@ class Trainer(EngineCounters):
         self.total_steps = cfg.epochs * self.steps_per_epoch
         schedule = Schedule(peak_lr(cfg.base_lr, global_batch, cfg.lr), self.total_steps,
                             int(round(cfg.warmup_epochs * self.steps_per_epoch)),
-                            start=0.005, floor=0.001)
-        optimizer = build_optimizer(param_groups(self.model, decays=decays, weight_decay=1.0),
-                                    cfg.optimizer, betas=(0.9, 0.95))
+                            start=SPARK_WARMUP_START, floor=SPARK_FLOOR)
+        groups = param_groups(self.model, decays=decays, weight_decay=1.0,
+                              order=lambda key: not key[1])  # decay group first
+        optimizer = build_optimizer(groups, cfg.optimizer, betas=(0.9, 0.95))
         self.engine = Engine(
             self.model, optimizer, device=self.device, amp=cfg.amp, schedule=schedule,
             weight_decay=lambda step: cosine_between(step, self.total_steps, cfg.wd, cfg.wd_end),

@@ -40,7 +40,7 @@ def accuracy_vs_ratio_png(results: dict) -> bytes:
             mean, std = row[f"{e}_mean"], row[f"{e}_std"]
             if math.isnan(mean):
                 continue
-            if not row.get("pretrains", True):
+            if not row.get("pretrains", row["masking"] != "none"):  # results of older runs
                 ax.axhline(mean, color="gray", linestyle="--", label=f"{row['strategy']} (no pretraining)")
                 continue
             marker = "o" if not row["regions"] else ("s" if row["regions"] == "localized" else "^")
