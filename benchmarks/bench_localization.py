@@ -335,7 +335,6 @@ def tune_m2ib(args, data: Path, adapter, config, post):
     """Grid-search M2IB on validation lesion images (``mwm.localize.tune``), not on test."""
     from mwm.data.layouts import open_dataset
     from mwm.localize.m2ib import saliency_maps
-    from mwm.localize.postprocess import PostprocessConfig
     from mwm.localize.tune import default_grid, pick_validation, tune
 
     val = [s for s in open_dataset(data).samples if s.split == "val" and s.label != "none"]
@@ -479,7 +478,7 @@ def report(r: dict, argv) -> str:
            + f"; best validation DSC {r['tuning']['val_dice']:.3f})." if r.get("tuning")
            else " (fixed)."),
         f"* Prompt \"{s['prompt']}\"; postprocess {r['postprocess']} (`mwm.localize.postprocess`).",
-        f"* Metrics: `mwm.metrics.region_metrics` (DSC; NSD at 2 px).",
+        "* Metrics: `mwm.metrics.region_metrics` (DSC; NSD at 2 px).",
         f"* Machine: {r['machine']['cpus']} CPU cores, torch {r['machine']['torch']}; "
         f"1-minute load average {t.get('load_average_1min_before', float('nan')):.1f} before and "
         f"{t.get('load_average_1min_after', float('nan')):.1f} after training (the machine is "

@@ -14,8 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import vlm_fixtures as vf  # noqa: E402
 from mwm.data.io import DataError  # noqa: E402
-from mwm.localize.vlm import (DEFAULT_MODEL, Geometry, ModelUnavailableError,  # noqa: E402
-                              VLMAdapter, load_vlm, wrap_hf_clip, wrap_open_clip)
+from mwm.localize.vlm import (DEFAULT_MODEL, ModelUnavailableError,  # noqa: E402
+                              load_vlm, wrap_hf_clip, wrap_open_clip)
 
 
 @pytest.fixture(scope="module")
