@@ -24,15 +24,16 @@ from .errors import DataError
 
 def opt(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
         flag: str | None = None, positional: bool = False,
-        choices: Sequence | Callable[[], Sequence] | None = None,
+        choices: Sequence | None = None,
         parse: Callable[[str], Any] | None = None, nargs: int | str | None = None,
         metavar: str | None = None, cli: bool = True, low: float | None = None,
         high: float | None = None, above: float | None = None, flatten: bool = False) -> Any:
     """A dataclass field with the metadata the command line and the checks read.
 
     ``flag``: the flag (and YAML key) when it is not the field name; ``positional``: a
-    positional argument; ``choices``: allowed values (or a function returning them, read
-    lazily from a registry); ``parse``: the flag's type; ``cli=False``: not a flag;
+    positional argument; ``choices``: allowed values (a
+    :class:`~mwm.registry.LazyChoices` reads a registry only when used); ``parse``: the
+    flag's type; ``cli=False``: not a flag;
     ``low``/``high``: an inclusive range, ``above``: an exclusive lower bound (checked by
     :func:`check_ranges`; None values are always allowed); ``flatten``: a field holding
     another config dataclass whose fields are flags of this one.
@@ -66,7 +67,7 @@ def check_ranges(config: Any) -> None:
             continue
         name = "--" + flag_name(f).replace("_", "-")
         choices = meta.get("choices")
-        if choices is not None and not callable(choices) and value not in choices:
+        if choices is not None and value not in choices:
             raise DataError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
         low, high, above = meta.get("low"), meta.get("high"), meta.get("above")
         if low is None and high is None and above is None:

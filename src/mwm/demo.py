@@ -82,10 +82,11 @@ def demo_experiment(cfg: DemoConfig) -> dict:
     return raw
 
 
-def run_demo(cfg: DemoConfig) -> tuple[dict, Path]:
-    """Run the demo experiment into ``cfg.out`` and write its report: (results, report)."""
+def run_demo(cfg: DemoConfig, experiment: dict | None = None) -> tuple[dict, Path]:
+    """Run the demo experiment (``experiment``: :func:`demo_experiment`'s, if already made)
+    into ``cfg.out`` and write its report: (results, report)."""
     from .report.html import write_report
 
-    config = parse_experiment(demo_experiment(cfg), source="mwm demo")
+    config = parse_experiment(experiment or demo_experiment(cfg), source="mwm demo")
     results = run_experiment(config, Path(cfg.out), workers=cfg.workers, quiet=cfg.quiet)
     return results, write_report(Path(cfg.out))

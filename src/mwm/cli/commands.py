@@ -271,9 +271,9 @@ def run_demo(cfg) -> int:
     from ..demo import demo_experiment, run_demo as demo
     from ..report.tables import results_markdown
 
-    with RunManifest(cfg.out, "demo", {**settings(cfg), "experiment": demo_experiment(cfg)},
-                     cfg.seed) as run:
-        results, report = demo(cfg)
+    experiment = demo_experiment(cfg)
+    with RunManifest(cfg.out, "demo", {**settings(cfg), "experiment": experiment}, cfg.seed) as run:
+        results, report = demo(cfg, experiment)
         run.add(results=results["strategies"], localization_dice=results["localization_dice"])
     print("\n" + results_markdown(results))
     print(f"report: {report}")

@@ -96,11 +96,8 @@ def _add(parser: argparse.ArgumentParser, flag: Flag) -> None:
         return
     if default is not None and not isinstance(default, (tuple, list, dict)):
         text += f" (default: {default})"
-    choices = meta.get("choices")
-    kwargs: dict[str, Any] = dict(default=default, help=text,
-                                  type=meta.get("parse") or _scalar(flag.kind),
-                                  choices=choices() if callable(choices) and not
-                                  hasattr(choices, "__iter__") else choices)
+    kwargs: dict[str, Any] = dict(default=default, help=text, choices=meta.get("choices"),
+                                  type=meta.get("parse") or _scalar(flag.kind))
     if meta.get("nargs") is not None:
         kwargs["nargs"] = meta["nargs"]
     if meta.get("metavar") is not None:

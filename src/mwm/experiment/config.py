@@ -168,17 +168,16 @@ def task_of(item: dict, source: str = "<code>"):
     """The registered task of an ``evaluate`` entry. Files written before tasks existed name
     none: they were classifications, linear probes where ``mode: linear``."""
     from ..downstream.tasks import TASKS
-    from ..errors import DataError as Error
 
     name = item.get("task") or ("linear-probe" if item.get("mode") == "linear" else "finetune")
     if name not in TASKS:
-        raise Error(f"{source}: evaluation {item.get('name')!r}: unknown task {name!r}; "
-                    f"choose one of {', '.join(TASKS.names())}.")
+        raise DataError(f"{source}: evaluation {item.get('name')!r}: unknown task {name!r}; "
+                        f"choose one of {', '.join(TASKS.names())}.")
     task = TASKS.get(name)
     for key, value in task.fixed.items():
         if key in item and item[key] != value:
-            raise Error(f"{source}: evaluation {item.get('name')!r}: task {name} fixes "
-                        f"{key}: {value!r}; drop {key}: {item[key]!r}.")
+            raise DataError(f"{source}: evaluation {item.get('name')!r}: task {name} fixes "
+                            f"{key}: {value!r}; drop {key}: {item[key]!r}.")
     return task
 
 
