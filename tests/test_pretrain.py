@@ -55,15 +55,33 @@ def test_region_pretraining_writes_everything(phantoms, tmp_path):
     salient = [float(r["ratio_salient"]) for r in rows]
     assert all(0.6 <= s <= 1.0 for s in salient)  # salient cells masked near 0.8
     assert all(float(r["ratio_background"]) < 0.5 for r in rows)
+    # run averages over every batch (here every batch is logged), not the last batch
+    for key, column in (("overall", "ratio_overall"), ("empty_fraction", "empty_fraction")):
+        mean = sum(float(r[column]) for r in rows) / len(rows)
+        assert summary.realized[key] == pytest.approx(mean, abs=1e-4)
+    # images with an empty mask are counted when the data is opened, and listed
+    listed = list(csv.DictReader(open(tmp_path / "empty_regions.csv")))
+    assert summary.empty_regions["n_empty"] == len(listed) == empty_train_masks(phantoms)
+    assert summary.empty_regions["n_images"] == n_train(phantoms)
+
+
+def empty_train_masks(phantoms):
+    import numpy as np
+    from mwm.data.io import read_mask
+
+    with open(phantoms / "labels.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["split"] == "train"]
+    return sum(not np.any(read_mask(phantoms / r["mask"])) for r in rows)
 
 
 def test_resume_repeats_the_uninterrupted_loss_curve(phantoms, tmp_path):
     common = dict(images=str(phantoms), regions=str(phantoms / "masks"), masking="region", **TINY)
-    pretrain(PretrainConfig(out=str(tmp_path / "full"), **common))
+    full = pretrain(PretrainConfig(out=str(tmp_path / "full"), **common))
     pretrain(PretrainConfig(out=str(tmp_path / "cut"), max_steps=3, **common))
     assert load_checkpoint(tmp_path / "cut")["step"] == 3
-    pretrain(PretrainConfig(out=str(tmp_path / "cut"), resume="auto", **common))
+    resumed = pretrain(PretrainConfig(out=str(tmp_path / "cut"), resume="auto", **common))
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    assert resumed.realized == pytest.approx(full.realized, abs=1e-12)
 
 
 def test_resume_errors(phantoms, tmp_path):

@@ -207,15 +207,21 @@ def run_pretrain(cfg) -> int:
                          final_loss=summary.final_loss,
                          images_per_second=round(summary.images_per_second, 2),
                          encoder=summary.encoder_path, ranks_agree=summary.ranks_agree,
-                         realized_mask_ratios=summary.realized)
+                         realized_mask_ratios=summary.realized,
+                         empty_regions=summary.empty_regions)
     if main_rank():
         loss = "n/a" if summary.final_loss is None else f"{summary.final_loss:.4f}"
         print(f"pretrained {summary.steps} steps ({summary.epochs_done} epochs) in "
               f"{summary.seconds:.0f} s, {summary.images_per_second:.1f} images/s, "
               f"last loss {loss}")
         if summary.realized:
-            print("realized mask ratios: "
+            print("realized mask ratios, run averages: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in summary.realized.items()))
+        if summary.empty_regions is not None:
+            empty = summary.empty_regions
+            print(f"empty regions: {empty['n_empty']} of {empty['n_images']} training images "
+                  f"({empty['fraction']:.1%})" + (f", listed in {empty['file']}"
+                                                   if empty["n_empty"] else ""))
         print(f"checkpoint: {cfg.out}/checkpoint.pt  encoder: {summary.encoder_path}")
     if summary.ranks_agree is False:
         print("error: distributed ranks ended with different weights", file=sys.stderr)

@@ -19,6 +19,7 @@ Under ``torchrun`` each process takes its share of every batch
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +34,14 @@ from ..engine import (SPARK_FLOOR, SPARK_WARMUP_START, CsvLog, Engine, EngineCou
                       epoch_batches, init_distributed, param_groups, peak_lr, ranks_agree,
                       step_seed)
 from ..errors import DataError
+from ..files import write_csv
 from ..progress import progress as progress_bar
 from .config import PretrainConfig
 from .data import Augment, RegionImageDataset, dataset_stats
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.csv"
+EMPTY_REGIONS_NAME = "empty_regions.csv"
 LOG_FIELDS = ("step", "epoch", "loss", "lr", "wd", "ratio_overall", "ratio_salient",
               "ratio_background", "empty_fraction", "images_per_s")
 #: Settings that may change when a run is resumed.
@@ -57,7 +60,8 @@ class PretrainSummary:
     images_per_second: float
     encoder_path: str | None
     ranks_agree: bool | None = None
-    realized: dict = field(default_factory=dict)
+    realized: dict = field(default_factory=dict)      # run averages over every micro-batch
+    empty_regions: dict | None = None                 # counted when the data was opened
 
 
 def decays(name: str, param: torch.nn.Parameter) -> bool:
@@ -116,6 +120,7 @@ class Trainer(EngineCounters):
             self.model.load_state_dict(self.checkpoint["model"])
             self.engine.restore(self.checkpoint)
         self.log = CsvLog(self.out / LOG_NAME, LOG_FIELDS, enabled=self.dist.main)
+        self._restore_ratios()
 
     def _dataset(self) -> RegionImageDataset:
         cfg = self.cfg
@@ -130,7 +135,22 @@ class Trainer(EngineCounters):
         dataset.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
         dataset.std = np.asarray(std, np.float32).reshape(3, 1, 1)
         self.mean, self.std = tuple(mean), tuple(std)
+        self.empty_rows = dataset.empty_regions() if cfg.regions is not None else None
         return dataset
+
+    def _write_empty_regions(self) -> dict | None:
+        """``empty_regions.csv`` (the files) and the count, for the log, manifest and summary."""
+        if self.empty_rows is None:
+            return None
+        n_images, n_empty = len(self.dataset), len(self.empty_rows)
+        if self.dist.main:
+            write_csv(self.out / EMPTY_REGIONS_NAME, self.empty_rows, ("name", "file", "reason"))
+            if n_empty:
+                print(f"pretrain: {n_empty} of {n_images} training images have an empty region "
+                      f"({n_empty / n_images:.1%}; listed in {self.out / EMPTY_REGIONS_NAME}); "
+                      "they are masked uniformly at the empty-region ratio", file=sys.stderr)
+        return {"n_images": n_images, "n_empty": n_empty, "fraction": n_empty / n_images,
+                "file": str(self.out / EMPTY_REGIONS_NAME)}
 
     def _model(self):
         from .spark import SparKModel
@@ -150,6 +170,7 @@ class Trainer(EngineCounters):
         self.out.mkdir(parents=True, exist_ok=True)
         self.writer = self._tensorboard()
         self.log.restart(lambda row: int(row["step"]) <= self.step)
+        empty = self._write_empty_regions()
         t0, self.images_seen, self.last = time.perf_counter(), 0, (None, {})
         stop = cfg.max_steps if cfg.max_steps is not None else self.total_steps
         while self.epoch < cfg.epochs and self.step < stop:
@@ -162,7 +183,7 @@ class Trainer(EngineCounters):
             self.writer.close()
         return PretrainSummary(str(self.out), self.step, self.epoch, self.last[0], seconds,
                                self.images_seen / max(seconds, 1e-9), encoder_path, agree,
-                               self.last[1])
+                               self.ratio_means(), empty)
 
     def _run_epoch(self, stop: int) -> None:
         from .figures import write_epoch_figure
@@ -209,6 +230,7 @@ class Trainer(EngineCounters):
             images = images.contiguous(memory_format=torch.channels_last)
         masks = sample_masks(cfg, regions, self.model.patch_size,
                              self.step * cfg.accumulate + micro, self.dist.rank)
+        self._add_ratios(masks)
         with engine.accumulating(micro):
             with engine.autocast():
                 output = engine.module(images, masks.active_b1hw)
@@ -221,6 +243,32 @@ class Trainer(EngineCounters):
                                            persistent_workers=False,
                                            pin_memory=self.device.type == "cuda")
 
+    # ---- realized ratios, averaged over the whole run (resumes included)
+
+    def _add_ratios(self, masks) -> None:
+        """Add a micro-batch's realized ratios to the run totals (tensors: no host sync)."""
+        ratios = masks.ratios()
+        if self.ratio_totals is None:
+            self.ratio_totals = {key: torch.zeros((), dtype=torch.float64, device=value.device)
+                                 for key, value in ratios.items()}
+        for key, value in ratios.items():
+            self.ratio_totals[key] += value.double()
+        self.ratio_batches += 1
+
+    def ratio_means(self) -> dict[str, float]:
+        """Mean realized ratios over every micro-batch this run has sampled (this rank's)."""
+        if not self.ratio_batches:
+            return {}
+        return {key: float(total) / self.ratio_batches for key, total in self.ratio_totals.items()}
+
+    def _restore_ratios(self) -> None:
+        saved = (self.checkpoint or {}).get("ratio_totals") or {}
+        self.ratio_batches = int(saved.get("batches", 0))
+        self.ratio_totals = ({key: torch.tensor(float(value), dtype=torch.float64,
+                                                device=self.device)
+                              for key, value in saved.items() if key != "batches"}
+                             if self.ratio_batches else None)
+
     # ---- outputs
 
     def _save(self) -> None:
@@ -229,7 +277,10 @@ class Trainer(EngineCounters):
                 "model": self.model.state_dict(), **self.engine.state(),
                 "rng": checkpoint.rng_state(), "config": self.cfg.to_dict(),
                 "mean": list(self.mean), "std": list(self.std), "arch": self.cfg.model,
-                "input_size": self.cfg.input_size})
+                "input_size": self.cfg.input_size,
+                "ratio_totals": {"batches": self.ratio_batches,
+                                 **{key: float(total) for key, total
+                                    in (self.ratio_totals or {}).items()}}})
 
     def _export(self) -> str | None:
         from .export import export_encoder
