@@ -96,3 +96,31 @@ def test_shifts_smooth_and_anchored_crf_from_the_command_line(setup, capsys):
     config = json.loads((root / "reg_crf" / "postprocess_config.json").read_text())
     assert config["crf"]["anchor"] == "binarization"
     assert len(list((root / "reg_crf").glob("brain-mri_*.png"))) == 6
+
+
+def test_manifest_prompts_need_no_flag_and_a_4d_nifti_is_one_listed_failure(setup, capsys,
+                                                                            tmp_path):
+    """A CSV manifest's `prompt` column is enough (no --prompt/--prompts); an unreadable file
+    among the images is listed with the failures (exit 1) and the other maps are written."""
+    import nibabel as nib
+    import numpy as np
+
+    root, ph, model = setup
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("brain-mri_00000.png", "brain-mri_00001.png"):
+        (images / name).write_bytes((ph / "images" / name).read_bytes())
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4, 3), np.float32), np.eye(4)),
+             str(images / "series.nii.gz"))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,prompt\nimages/brain-mri_00000.png,brain tumor\n"
+                        "images/brain-mri_00001.png,glioma\n")
+    out = tmp_path / "sal"
+    assert main(["localize", str(manifest), "--out", str(out), "--model", model, *FAST]) == 0
+    record = json.loads((out / "run_manifest.json").read_text())
+    assert record["results"]["outputs"] == ["brain-mri_00000.png", "brain-mri_00001.png"]
+    capsys.readouterr()
+    assert main(["localize", str(images), "--prompt", "tumor", "--out", str(tmp_path / "s2"),
+                 "--model", model, *FAST]) == 1
+    captured = capsys.readouterr()
+    assert "series.nii.gz" in captured.err and "2 saliency maps written" in captured.out

@@ -173,3 +173,20 @@ def test_encoder_state_dict_and_dense_encoder(r10):
     for k, v in dense.state_dict().items():
         assert torch.equal(v, state[k])
     assert dense(torch.randn(1, 3, 64, 64)).shape == (1, 512)
+
+
+def test_densify_projections_keep_pytorchs_default_initialization():
+    """As SparK: uniform in ±1/sqrt(fan_in) with a non-zero bias (MWM used truncated-normal
+    std 0.02 and zero bias before, 1.4-3.1x off in mean |w|)."""
+    import math
+
+    torch.manual_seed(0)
+    model = SparKModel("resnet10t", input_size=64, decoder_width=32)
+    convs = [p for p in model.densify_projs if isinstance(p, torch.nn.Conv2d)]
+    assert convs
+    for conv in convs:
+        fan_in = conv.weight[0].numel()
+        bound = 1 / math.sqrt(fan_in)
+        assert float(conv.weight.abs().max()) <= bound
+        assert float(conv.weight.abs().mean()) == pytest.approx(bound / 2, rel=0.1)
+        assert float(conv.bias.abs().max()) > 0

@@ -4,8 +4,9 @@ Every command's flags are generated from its config dataclass (:mod:`mwm.cli.fla
 commands are listed once in :data:`mwm.cli.commands.COMMANDS`, and every command accepts
 ``--config FILE.yaml`` (values for its flags; flags win), uses the same flag names for the
 same settings (``--out``, ``--seed``, ``--quiet``, ``--device``, ``--workers`` ...) and
-writes ``run_manifest.json`` into its output folder. Process-wide settings (denormals) are
-made here, once, before a command runs.
+writes ``run_manifest.json`` into its output folder. Every command also takes the options
+of :class:`mwm.runtime.RunOptions` (``--threads``, ``--overwrite``). Process-wide settings
+(threads, denormals) are made here, once, before a command runs.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from typing import Sequence
 from .. import __version__
 from ..errors import DataError
 from .commands import COMMANDS, EXIT_USAGE, Command
-from .flags import add_flags, config_defaults, config_from_args
+from ..runtime import RunOptions
+from .flags import _add, add_flags, config_defaults, config_from_args, flags_of
 
 __all__ = ["build_parser", "main", "parse_args"]
 
 BY_NAME = {c.name: c for c in COMMANDS}
 DESCRIPTION = ("Mask What Matters: text-guided masked image modeling for medical imaging. "
                "Run `mwm demo` for the whole pipeline on synthetic data.")
-#: The commands that train: they get the process-wide numeric settings (the others ran
-#: without them before, and their outputs stay bit for bit what they were).
+#: The commands that train: they flush denormals (the others ran without it before, and
+#: their outputs stay bit for bit what they were). Every command sets its threads.
 TRAINING = ("clip train", "pretrain", "finetune", "detect", "experiment", "demo")
 
 
@@ -47,6 +49,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             p = _command_parser(sub, cmd.name, cmd)
         if cmd.name == command:
             add_flags(p, cmd.config_class())
+            for flag, _ in flags_of(RunOptions):
+                _add(p, flag)
     return parser
 
 
@@ -99,11 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = BY_NAME[name]
     try:
         cfg = config_from_args(cmd.config_class(), args)
-        if name in TRAINING:
-            from ..runtime import configure_process
+        opts = config_from_args(RunOptions, args)
+        from ..runtime import configure_process
 
-            configure_process()
-        return cmd.run(cfg)
+        configure_process(threads=opts.threads, flush_denormal=name in TRAINING)
+        return cmd.run(cfg, opts)
     except DataError as err:
         print(f"mwm {name}: error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,9 +1,10 @@
 """The commands: for each, its config class, the library call, and what it prints.
 
-A command function receives its config (built from the flags by :mod:`mwm.cli.flags`),
-writes ``run_manifest.json`` around the library call, prints a summary and returns the
-exit status. Config classes are named by import path, so that ``mwm --help`` imports none
-of the heavy modules.
+A command function receives its config (built from the flags by :mod:`mwm.cli.flags`)
+and the options every command takes (:class:`mwm.runtime.RunOptions`), applies the
+output-folder rule (:func:`mwm.runlog.claim_folder`), writes ``run_manifest.json`` around
+the library call, prints a summary and returns the exit status. Config classes are named
+by import path, so that ``mwm --help`` imports none of the heavy modules.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import DataError
-from ..runlog import RunManifest
+from ..runlog import RunManifest, check_out_file, claim_folder, refuse_finished_run
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 
@@ -27,7 +28,7 @@ class Command:
     name: str                       # "clip train": a group and its action
     help: str
     config_path: str                # "module:Class"
-    run: Callable[[Any], int]
+    run: Callable[[Any, Any], int]  # (config, RunOptions) -> exit status
 
     def config_class(self) -> type:
         module, _, name = self.config_path.partition(":")
@@ -51,6 +52,13 @@ def finish(failures: list[dict], unit: str) -> int:
     return EXIT_FAILURES
 
 
+def changed_settings(previous: dict | None, mine: dict, keys: tuple[str, ...]) -> str:
+    """``key: old → new, ...`` for the ``keys`` that differ from an earlier run's config."""
+    saved = (previous or {}).get("config") or {}
+    return ", ".join(f"{k}: {saved.get(k)!r} → {mine.get(k)!r}" for k in keys
+                     if k in saved and saved.get(k) != mine.get(k))
+
+
 def main_rank() -> bool:
     from ..engine import torchrun_env
 
@@ -59,10 +67,20 @@ def main_rank() -> bool:
 
 # --------------------------------------------------------------------------- data
 
-def run_phantoms(cfg) -> int:
+#: What makes a phantom set: a folder of phantoms is rewritten only with the same values.
+PHANTOM_SETTINGS = ("modality", "n", "size", "seed", "bit_depth", "class_folders")
+
+
+def run_phantoms(cfg, opts) -> int:
     from ..data.phantoms import generate_phantoms
     from ..report.contact_sheet import write_phantom_sheet
 
+    previous = claim_folder(cfg.out, "phantoms", overwrite=opts.overwrite)
+    changes = changed_settings(previous, settings(cfg), PHANTOM_SETTINGS)
+    if changes and not opts.overwrite:
+        raise DataError(f"--out {cfg.out} holds phantoms made with other settings ({changes}); "
+                        "their files would mix with the new ones. Choose another folder, or "
+                        "pass --overwrite.")
     with RunManifest(cfg.out, "phantoms", settings(cfg), cfg.seed) as run:
         summary = generate_phantoms(cfg.out, modality=cfg.modality, n=cfg.n, size=cfg.size,
                                     seed=cfg.seed, bit_depth=cfg.bit_depth, workers=cfg.workers,
@@ -78,9 +96,11 @@ def run_phantoms(cfg) -> int:
     return EXIT_OK
 
 
-def run_inspect(cfg) -> int:
+def run_inspect(cfg, opts) -> int:
     from ..data.inspect import inspect_dataset
 
+    if cfg.out:
+        claim_folder(cfg.out, "inspect", overwrite=opts.overwrite)
     report = inspect_dataset(cfg.data, masks=cfg.masks, prompts=cfg.prompts, axis=cfg.axis,
                              progress=not cfg.quiet)
     if cfg.out:
@@ -93,9 +113,10 @@ def run_inspect(cfg) -> int:
 
 # --------------------------------------------------------------------------- localization
 
-def run_clip_train(cfg) -> int:
+def run_clip_train(cfg, opts) -> int:
     from ..clip import train_clip
 
+    claim_folder(cfg.out, "clip train", overwrite=opts.overwrite)  # then: its --resume rule
     with RunManifest(cfg.out, "clip train", settings(cfg), cfg.seed) as run:
         summary = train_clip(cfg)
         run.add(final_loss=summary.final_loss, steps=summary.steps, seconds=summary.seconds,
@@ -108,18 +129,17 @@ def run_clip_train(cfg) -> int:
     return EXIT_OK
 
 
-def run_localize(cfg) -> int:
+def run_localize(cfg, opts) -> int:
     from ..data.layouts import attach_prompts, load_prompts, open_dataset, replace_masks
     from ..engine import torchrun_env
     from ..localize.pipeline import TuneSpec, localize
     from ..localize.postprocess import PostprocessConfig
 
-    if not cfg.prompt and not cfg.prompts:
-        raise DataError("give the prompt: --prompt TEXT (one for all images; 'a|b' is an "
-                        "ensemble) or --prompts FILE (per image, JSON or CSV).")
+    claim_folder(cfg.out, "localize", overwrite=opts.overwrite)  # then: maps' fingerprints
     prompts = load_prompts(cfg.prompts) if cfg.prompts else None
     source = cfg.prompts or "--prompt"
-    samples = attach_prompts(open_dataset(cfg.images).samples, prompts, cfg.prompt, source=source)
+    dataset = open_dataset(cfg.images, lenient=True)  # unreadable files: listed failures
+    samples = attach_prompts(dataset.usable(), prompts, cfg.prompt, source=source)
     tune = None
     if cfg.tune:
         val_images, val_masks = cfg.tune
@@ -128,11 +148,15 @@ def run_localize(cfg) -> int:
         post = PostprocessConfig(method=cfg.method, threshold=cfg.threshold, top_k=cfg.top_k)
         tune = TuneSpec(val, post, cfg.tune_images, cfg.m2ib.seed)
     dist = torchrun_env()
-    with RunManifest(cfg.out, "localize", settings(cfg), cfg.m2ib.seed) as run:
+    manifest = _on_main_rank(cfg.out, "localize", cfg, cfg.m2ib.seed)
+    if isinstance(manifest, RunManifest):  # listed from the start: postprocess reads these maps and no stray file
+        manifest.add(outputs=[f"{sample.name}.png" for sample in samples])
+    with manifest as run:
         summary = localize(samples, cfg.out, model=cfg.model, m2ib=cfg.m2ib, tune=tune,
                            device=cfg.device, trust_remote_code=cfg.trust_remote_code,
                            shard_of=(dist.rank, dist.world), progress=not cfg.quiet)
-        run.add(**summary.to_dict(), m2ib=summary.m2ib)
+        if run:
+            run.add(**summary.to_dict(), m2ib=summary.m2ib)
     if summary.tune_rows:
         m2ib, rows = summary.m2ib, summary.tune_rows
         print(f"tuned on {rows[0]['n_images']} validation images: best beta {m2ib['beta']}, "
@@ -140,13 +164,14 @@ def run_localize(cfg) -> int:
               f"(DSC {max(r['dice_mean'] for r in rows):.3f}); table in {cfg.out}/tune_table.csv")
     print(f"{summary.n_written} saliency maps written, {summary.n_skipped} up to date (skipped), "
           f"into {cfg.out}")
-    return finish(summary.failures, "image")
+    return finish(dataset.problems + summary.failures, "image")
 
 
-def run_postprocess(cfg) -> int:
+def run_postprocess(cfg, opts) -> int:
     from ..files import write_json
     from ..localize.postprocess import postprocess_folder
 
+    claim_folder(cfg.out, "postprocess", overwrite=opts.overwrite)
     config = cfg.postprocess_config()
     with RunManifest(cfg.out, "postprocess", settings(cfg)) as run:
         summary = postprocess_folder(cfg.saliency, cfg.out, config, images_dir=cfg.images,
@@ -155,13 +180,17 @@ def run_postprocess(cfg) -> int:
         run.add(**{k: v for k, v in summary.items() if k != "config"})
     print(f"wrote {summary['n_written']} region masks to {cfg.out}"
           + (f" and boxes to {cfg.boxes_out}" if cfg.boxes_out else ""))
+    if summary["ignored"]:
+        print(f"ignored {len(summary['ignored'])} file(s) in {cfg.saliency} that `mwm localize` "
+              f"did not list as its maps: {', '.join(summary['ignored'][:5])}", file=sys.stderr)
     return finish(summary["failures"], "map")
 
 
-def run_refine(cfg) -> int:
+def run_refine(cfg, opts) -> int:
     from ..localize.refine import SamRefiner, refine_folder
     from ..utils import resolve_device
 
+    claim_folder(cfg.out, "refine", overwrite=opts.overwrite)
     with RunManifest(cfg.out, "refine", settings(cfg)) as run:
         refiner = SamRefiner.from_pretrained(cfg.model, device=str(resolve_device(cfg.device)))
         summary = refine_folder(cfg.images, cfg.masks, cfg.out, refiner, top_k=cfg.top_k or None,
@@ -171,10 +200,11 @@ def run_refine(cfg) -> int:
     return finish(summary["failures"], "mask")
 
 
-def run_evaluate(cfg) -> int:
+def run_evaluate(cfg, opts) -> int:
     from ..localize.evaluate import evaluate_folders
 
     out = cfg.out or str(Path(cfg.pred).parent / f"{Path(cfg.pred).name}_eval")
+    claim_folder(out, "evaluate", overwrite=opts.overwrite)
     with RunManifest(out, "evaluate", settings(cfg)) as run:
         summary = evaluate_folders(cfg.pred, cfg.gt, out, tolerance_px=cfg.tolerance,
                                    progress=not cfg.quiet)
@@ -190,16 +220,25 @@ def run_evaluate(cfg) -> int:
 
 # --------------------------------------------------------------------------- training
 
-def _on_main_rank(out: str, command: str, cfg) -> contextlib.AbstractContextManager:
-    """The run manifest, written by rank 0 only under torchrun."""
+def _on_main_rank(out: str, command: str, cfg, seed: int | None = None):
+    """The run manifest, written by rank 0 only under torchrun (others get a null context)."""
     if main_rank():
-        return RunManifest(out, command, settings(cfg), getattr(cfg, "seed", None))
+        return RunManifest(out, command, settings(cfg),
+                           getattr(cfg, "seed", None) if seed is None else seed)
     return contextlib.nullcontext()
 
 
-def run_pretrain(cfg) -> int:
-    from ..pretrain.train import pretrain
+def claim_training_folder(cfg, opts, command: str, checkpoint: str, resume) -> None:
+    """The output rule for a training command: its own folder is continued only with
+    --resume (or restarted with --overwrite)."""
+    claim_folder(cfg.out, command, overwrite=opts.overwrite)
+    refuse_finished_run(cfg.out, command, checkpoint, resume, opts.overwrite)
 
+
+def run_pretrain(cfg, opts) -> int:
+    from ..pretrain.train import CHECKPOINT_NAME, pretrain
+
+    claim_training_folder(cfg, opts, "pretrain", CHECKPOINT_NAME, cfg.resume)
     with _on_main_rank(cfg.out, "pretrain", cfg) as manifest:
         summary = pretrain(cfg)
         if manifest:
@@ -229,9 +268,11 @@ def run_pretrain(cfg) -> int:
     return EXIT_OK
 
 
-def run_finetune(cfg) -> int:
+def run_finetune(cfg, opts) -> int:
     from ..downstream.classify import REPORTED, finetune
+    from ..downstream.weights import LAST
 
+    claim_training_folder(cfg, opts, "finetune", LAST, cfg.resume or cfg.eval_only)
     with _on_main_rank(cfg.out, "finetune", cfg) as manifest:
         summary = finetune(cfg)
         if manifest:
@@ -251,9 +292,10 @@ def run_finetune(cfg) -> int:
     return EXIT_OK
 
 
-def run_detect(cfg) -> int:
-    from ..downstream.detect import detect
+def run_detect(cfg, opts) -> int:
+    from ..downstream.detect import CHECKPOINT_NAME, detect
 
+    claim_training_folder(cfg, opts, "detect", CHECKPOINT_NAME, cfg.resume)
     with RunManifest(cfg.out, "detect", settings(cfg), cfg.seed) as run:
         summary = detect(cfg)
         run.add(metrics=summary.get("metrics"), step=summary.get("step"), best=summary.get("best"))
@@ -263,9 +305,11 @@ def run_detect(cfg) -> int:
     return EXIT_OK
 
 
-def run_export(cfg) -> int:
+def run_export(cfg, opts) -> int:
     from ..downstream.convert import export_weights
+    from ..pretrain.export import is_export
 
+    check_out_file(cfg.out, "export", is_export(cfg.out), overwrite=opts.overwrite)
     info = export_weights(cfg.encoder, cfg.out, fmt=cfg.format, arch=cfg.model)
     print(f"wrote {info['tensors']} {info['arch']} tensors in {cfg.format} key names to {cfg.out}")
     return EXIT_OK
@@ -273,10 +317,13 @@ def run_export(cfg) -> int:
 
 # --------------------------------------------------------------------------- experiments
 
-def run_demo(cfg) -> int:
+def run_demo(cfg, opts) -> int:
     from ..demo import demo_experiment, run_demo as demo
     from ..report.tables import results_markdown
+    from ..runtime import warn_if_busy
 
+    claim_folder(cfg.out, "demo", overwrite=opts.overwrite)  # then: finished steps are kept
+    warn_if_busy("mwm demo")
     experiment = demo_experiment(cfg)
     with RunManifest(cfg.out, "demo", {**settings(cfg), "experiment": experiment}, cfg.seed) as run:
         results, report = demo(cfg, experiment)
@@ -286,10 +333,10 @@ def run_demo(cfg) -> int:
     return EXIT_FAILURES if results["failures"] else EXIT_OK
 
 
-def run_experiment_command(cfg) -> int:
+def run_experiment_command(cfg, opts) -> int:
     from ..engine import torchrun_env
     from ..experiment import load_experiment, run_experiment, shard_from
-    from ..runtime import detach_from_torchrun
+    from ..runtime import detach_from_torchrun, warn_if_busy
     from ..report.html import write_report
     from ..report.tables import results_markdown
 
@@ -298,6 +345,8 @@ def run_experiment_command(cfg) -> int:
     shard = shard_from(cfg.shard, cfg.device, torchrun_env())
     detach_from_torchrun()  # each cell trains as a single process on its shard's device
     manifest_dir = out if shard.main else out / "shards" / str(shard.index)
+    claim_folder(manifest_dir, "experiment", overwrite=opts.overwrite)  # then: done cells kept
+    warn_if_busy("mwm experiment")
     with RunManifest(manifest_dir, "experiment",
                      {**settings(cfg), "experiment_file": config.to_dict()}) as run:
         results = run_experiment(config, out, shard=shard, workers=cfg.workers, quiet=cfg.quiet)
@@ -308,13 +357,15 @@ def run_experiment_command(cfg) -> int:
     return finish([{"name": f.split(":")[0], "reason": f} for f in results["failures"]], "cell")
 
 
-def run_report(cfg) -> int:
-    from ..report.html import write_report
+def run_report(cfg, opts) -> int:
+    from ..report.html import is_report, write_report
 
     run_dir = Path(cfg.run_dir)
     if not run_dir.is_dir():
         raise DataError(f"{run_dir}: not a folder; give the --out folder of `mwm demo` or "
                         "`mwm experiment`.")
+    if cfg.out:  # the default, RUN_DIR/report.html, belongs to the run folder
+        check_out_file(cfg.out, "report", is_report(cfg.out), overwrite=opts.overwrite)
     print(f"report: {write_report(run_dir, Path(cfg.out) if cfg.out else None)}")
     return EXIT_OK
 

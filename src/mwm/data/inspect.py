@@ -2,7 +2,10 @@
 
 Every image (and its mask and prompt) is read with the same code the pipeline uses; a
 failure is recorded with its file and the reason, and the scan goes on, so one pass
-lists every problem. The exit status is non-zero when anything failed.
+lists every problem: each image's row names all of its problems (unreadable, no mask in
+the paired mask folder, no prompt), and files that give no image (a 4-D NIfTI, a corrupt
+header) and duplicate names are listed too, where other commands refuse them. The exit
+status is non-zero when anything failed.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from ..progress import progress as progress_bar
 from ..config import opt
 from ..errors import DataError
 from .io import DEFAULT_AXIS, read_mask, read_slice
-from .layouts import Sample, load_prompts, open_dataset, prompt_for
+from .layouts import Sample, load_prompts, missing_mask, no_prompt, open_dataset, prompt_of
 
 ROW_FIELDS = ("name", "path", "width", "height", "kind", "min", "max", "label", "split",
               "mask", "mask_fraction", "prompt", "error")
@@ -88,29 +91,67 @@ class InspectConfig:
 def inspect_dataset(source: str | Path, *, masks: str | Path | None = None,
                     prompts: str | Path | None = None, axis: int = DEFAULT_AXIS,
                     progress: bool = True) -> InspectReport:
-    dataset = open_dataset(source, masks, axis=axis)
+    """One row per image with every problem it has; files that list no image (a 4-D NIfTI,
+    a corrupt header) and duplicate names are rows too, so one pass reports them all."""
+    dataset = open_dataset(source, masks, axis=axis, lenient=True)
     prompt_map = load_prompts(prompts) if prompts else None
     report = InspectReport(str(source), dataset.layout, dataset.classes)
     for sample in progress_bar(dataset.samples, total=len(dataset.samples), desc="inspect",
                                unit="img", enabled=progress):
-        report.rows.append(_inspect_one(sample, prompt_map, str(prompts)))
+        report.rows.append(_inspect_one(sample, prompt_map, str(prompts), dataset.masks))
+    _add_problems(report.rows, dataset.problems)
     return report
 
 
-def _inspect_one(sample: Sample, prompts: dict | None, prompt_source: str) -> dict:
+def _inspect_one(sample: Sample, prompts: dict | None, prompt_source: str,
+                 mask_dir: Path | None) -> dict:
+    """The row of one image; its ``error`` joins all of its problems (" | ")."""
     row = dict.fromkeys(ROW_FIELDS, "")
     row.update(name=sample.name, path=str(sample.image.path), label=sample.label or "",
                split=sample.split or "", prompt=sample.prompt or "")
-    try:
-        image = read_slice(sample.image)
-        pixels = image.pixels
-        row.update(width=image.shape[1], height=image.shape[0], kind=image.kind,
-                   min=float(np.min(pixels)), max=float(np.max(pixels)))
-        if sample.mask is not None:
-            region = read_mask(sample.mask, shape=image.shape)
-            row.update(mask=str(sample.mask.path), mask_fraction=round(float(region.mean()), 5))
-        if prompts is not None and not sample.prompt:
-            row["prompt"] = prompt_for(sample.image, prompts, prompt_source)
-    except DataError as err:
-        row["error"] = str(err)
+    errors: list[str] = []
+    shape = _checked(errors, _read_image, sample, row)
+    if sample.mask is not None:  # read even when the image is not: its own faults show
+        _checked(errors, _read_region, sample, row, shape)
+    elif mask_dir is not None:
+        errors.append(missing_mask(sample.image, mask_dir))
+    if prompts is not None:
+        prompt = prompt_of(sample, prompts)
+        if prompt is None:
+            errors.append(no_prompt(sample.image, prompt_source))
+        row["prompt"] = prompt or ""
+    row["error"] = " | ".join(errors)
     return row
+
+
+def _checked(errors: list[str], check, *args):
+    """``check(*args)``; a DataError it raises is added to ``errors`` (and None returned)."""
+    try:
+        return check(*args)
+    except DataError as err:
+        errors.append(str(err))
+        return None
+
+
+def _read_image(sample: Sample, row: dict) -> tuple[int, int]:
+    image = read_slice(sample.image)
+    row.update(width=image.shape[1], height=image.shape[0], kind=image.kind,
+               min=float(np.min(image.pixels)), max=float(np.max(image.pixels)))
+    return image.shape
+
+
+def _read_region(sample: Sample, row: dict, shape: tuple[int, int] | None) -> None:
+    region = read_mask(sample.mask, shape=shape)
+    row.update(mask=str(sample.mask.path), mask_fraction=round(float(region.mean()), 5))
+
+
+def _add_problems(rows: list[dict], problems: list[dict]) -> None:
+    """A listing problem joins the rows of the images it names (a duplicate name), or is
+    a row of its own (a file that lists no image, a mask file's problem)."""
+    for found in problems:
+        named = [row for row in rows if row["name"] == found["name"]]
+        for row in named:
+            row["error"] = " | ".join(e for e in (row["error"], found["reason"]) if e)
+        if not named:
+            rows.append({**dict.fromkeys(ROW_FIELDS, ""), "name": found["name"],
+                         "path": found["file"], "error": found["reason"]})

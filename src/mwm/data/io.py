@@ -236,11 +236,11 @@ def _dicom_window(ds) -> tuple[float, float] | None:
 def _dicom_frame_count(path: Path) -> int:
     import pydicom
 
-    try:
+    try:  # a garbled NumberOfFrames is a bad header too
         ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        return int(getattr(ds, "NumberOfFrames", 1) or 1)
     except Exception as err:
         raise DataError(f"{path}: not a readable DICOM file ({err}). Check the file.") from err
-    return int(getattr(ds, "NumberOfFrames", 1) or 1)
 
 
 @functools.lru_cache(maxsize=2)
@@ -256,8 +256,10 @@ def _nifti_volume(path: str, mtime: float) -> np.ndarray:
     if volume.ndim == 4 and volume.shape[3] == 1:
         volume = volume[..., 0]
     if volume.ndim not in (2, 3):
-        raise DataError(f"{path}: NIfTI with shape {volume.shape}; MWM reads 2-D images and "
-                        "3-D volumes. Split 4-D series into 3-D volumes first.")
+        raise DataError(f"{path}: {volume.ndim}-D NIfTI with shape {volume.shape}; MWM reads "
+                        "2-D images and 3-D volumes. Split the series into one 3-D volume per time point "
+                        "(`fslsplit FILE`, or nibabel: `nibabel.funcs.four_to_three(img)` and "
+                        "save each volume) and put those in the folder instead.")
     return volume
 
 
@@ -357,17 +359,21 @@ def load_model_input(path: str | os.PathLike | SliceRef, **kwargs) -> np.ndarray
 # --------------------------------------------------------------------------- masks
 
 LABEL_MAP_MAX = 16
+#: Folders whose JPEG masks were already warned about (one warning per folder, not per file).
+_LOSSY_WARNED: set[Path] = set()
 
 
 def read_mask(path: str | os.PathLike | SliceRef,
               shape: tuple[int, int] | None = None) -> np.ndarray:
     """Read a region mask as bool (H, W).
 
-    Binarization rule: integer masks whose values are all ≤ 16 (0/1 masks, small label
-    maps) are foreground wherever the value is non-zero; any other mask (0/255,
-    0/65535, float, lossy) is foreground where the value exceeds half of its maximum,
-    so JPEG ringing and interpolation halos are dropped. RGB masks use the largest
-    channel. JPEG masks are accepted with a warning. An all-zero mask is empty.
+    Binarization rule (:func:`binarize_mask`), the same for lossless and JPEG files:
+    integer masks whose values are all ≤ 16 (0/1 masks, small label maps, and 0/1 masks
+    saved as JPEG, whose ringing stays in 0–3) are foreground wherever the value is
+    non-zero; any other mask (0/255, 0/65535, float) is foreground where the value exceeds
+    half of its maximum, so the ringing and interpolation halos of 0/255 masks are
+    dropped. RGB masks use the largest channel. An all-zero mask is empty. JPEG masks are
+    accepted with one warning per folder.
 
     ``shape`` = the paired image's (H, W): a mask of another size is an error.
     """
@@ -375,24 +381,37 @@ def read_mask(path: str | os.PathLike | SliceRef,
     image = read_slice(ref)
     values = image.pixels.max(axis=2) if image.pixels.ndim == 3 else image.pixels
     if suffix_of(ref.path) in LOSSY_SUFFIXES:
-        warnings.warn(f"{ref.path}: mask stored as JPEG (lossy); binarized at half its "
-                      "maximum. Save masks as PNG to keep edges exact.", stacklevel=2)
+        _warn_lossy_mask(ref.path)
     if shape is not None and tuple(values.shape) != tuple(shape):
         raise DataError(f"{ref.path}: mask is {values.shape[1]}x{values.shape[0]} (WxH) but "
                         f"its image is {shape[1]}x{shape[0]}. Masks must have the image's "
                         "size: resize with nearest-neighbour interpolation or regenerate it.")
-    return binarize_mask(values, lossy=suffix_of(ref.path) in LOSSY_SUFFIXES)
+    return binarize_mask(values)
 
 
-def binarize_mask(values: np.ndarray, *, lossy: bool = False) -> np.ndarray:
-    """The mask binarization rule of :func:`read_mask` on an array."""
+def binarize_mask(values: np.ndarray) -> np.ndarray:
+    """The mask binarization rule of :func:`read_mask` on an array.
+
+    The scale is read from the values present, not from the file type: a mask whose
+    values never pass 16 is a 0/1 (or small-label) mask, whatever JPEG did to it.
+    """
     peak = float(values.max()) if values.size else 0.0
     if peak <= 0:
         return np.zeros(values.shape, dtype=bool)
     integral = np.issubdtype(values.dtype, np.integer) or bool(np.all(values == np.round(values)))
-    if integral and peak <= LABEL_MAP_MAX and not lossy:
+    if integral and peak <= LABEL_MAP_MAX:
         return values > 0
     return values > peak / 2.0
+
+
+def _warn_lossy_mask(path: Path) -> None:
+    folder = path.parent.resolve()
+    if folder in _LOSSY_WARNED:
+        return
+    _LOSSY_WARNED.add(folder)
+    warnings.warn(f"{folder}: masks stored as JPEG (lossy), e.g. {path.name}; JPEG blurs "
+                  "their edges. Save masks as PNG (lossless) to keep them exact. (Said once "
+                  "per folder.)", stacklevel=3)
 
 
 def _single_ref(path: Path) -> SliceRef:

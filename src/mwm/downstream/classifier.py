@@ -163,7 +163,7 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int, weights_meta: dict) 
 
 def load_state(path: str | Path) -> dict:
     path = checkpoint.find(path, LAST)
-    obj = checkpoint.load(path, LAST)
+    obj = checkpoint.load(path, LAST, kind="finetune")
     if not isinstance(obj, dict) or obj.get("format") != FINETUNE_FORMAT:
         raise DataError(f"--resume {path}: not an MWM fine-tune checkpoint.")
     return obj
@@ -199,7 +199,7 @@ class Finetuner:
             same_classes = list(meta.get("classes") or []) == self.classes
             self.weights_report.update(load_weights(
                 self.model, state, source=str(source),
-                keep_head=kind == "mwm-finetune" and same_classes))
+                keep_head=kind == "mwm-finetune" and same_classes, meta=meta))
         if meta.get("input_size") and int(meta["input_size"]) != cfg.input_size:
             self.weights_report["note"] = (f"weights made at input size {meta['input_size']}, "
                                            f"fine-tuning at {cfg.input_size}")

@@ -41,6 +41,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .. import checkpoint
 from ..config import opt
 from ..errors import DataError
 from ..files import atomic_path
@@ -129,21 +130,11 @@ def load_timm_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise DataError(f"{path}: weights file not found. Pass an MWM encoder export "
                         "(run/encoder.safetensors), a pretraining checkpoint or a timm .pth.")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         from ..pretrain.export import read_metadata
 
-        meta = read_metadata(path)
-        try:
-            state = load_file(os.fspath(path))
-        except Exception as err:  # noqa: BLE001
-            raise DataError(f"{path}: not a readable safetensors file ({err}).") from err
-        return dict(state), meta
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - pickle/zip errors
-        raise DataError(f"{path}: cannot be read as a PyTorch checkpoint "
-                        f"({type(err).__name__}: {err}).") from err
+        state = checkpoint.read_safetensors(path)
+        return dict(state), read_metadata(path)
+    obj = checkpoint.read(path)
     meta: dict[str, Any] = {}
     if isinstance(obj, Mapping):
         for key in ("arch", "mean", "std", "input_size"):
@@ -264,10 +255,30 @@ def load_into_backbone(body: torch.nn.Module, state: Mapping[str, torch.Tensor],
 
 # --------------------------------------------------------------------------- export
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only what a Detectron2 weights file holds: dicts, strings, numbers and
+    numpy arrays. Any other object is refused, because unpickling it could run code."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),  # protocol 2 bytes
+               ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
+               ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "_reconstruct")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"it holds objects other than numpy arrays and plain containers (here "
+            f"{module}.{name}), which MWM refuses to unpickle because that could run code")
+
+
 def read_detectron2(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a Detectron2 ``.pkl`` written by :func:`export_weights`."""
+    """Read a Detectron2 ``.pkl`` written by :func:`export_weights` (arrays only)."""
     with open(path, "rb") as handle:
-        return pickle.load(handle)
+        try:
+            return _ArrayUnpickler(handle).load()
+        except (pickle.UnpicklingError, EOFError, ValueError) as err:
+            raise DataError(f"{path}: not a usable Detectron2 weights file: {err}.") from None
 
 
 @dataclass(kw_only=True)

@@ -231,7 +231,7 @@ def _load_resume(cfg: DetectConfig) -> dict | None:
     resume = checkpoint_io.resume_path(cfg.resume, cfg.out, CHECKPOINT_NAME)
     if resume is None:
         return None
-    checkpoint = torch.load(resume, map_location="cpu", weights_only=True)
+    checkpoint = checkpoint_io.read(resume, "--resume", kind="detect")
     saved = checkpoint["config"]
     check_settings(saved, cfg.to_dict(), only=("input_size", "batch_size", "norm"))
     if cfg.model and saved.get("model") and cfg.model != saved["model"]:

@@ -7,7 +7,10 @@
 ``module.`` prefixes stripped) and an MWM fine-tune checkpoint (``best.pt``/``last.pt``).
 Files are read with ``weights_only=True`` or safetensors. :func:`load_weights` is strict
 on the backbone: any missing, unexpected or mis-shaped key outside the classifier head
-raises :class:`~mwm.errors.DataError` naming the keys.
+raises :class:`~mwm.errors.DataError` naming the keys, or, when the file records another
+architecture than the model's, saying which one to pass as ``--model``. An unreadable
+file (truncated, not such a file, holding objects other than tensors) is a ``DataError``
+from :mod:`mwm.checkpoint`'s readers.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import checkpoint
+from ..checkpoint import FINETUNE_FORMAT
 from ..errors import DataError
 from ..pretrain.export import key_problems
 
-FINETUNE_FORMAT = "mwm-finetune"
 LAST, BEST = "last.pt", "best.pt"
 
 
@@ -60,17 +64,12 @@ def read_weights(path: str | os.PathLike) -> tuple[dict, dict, str]:
             raise DataError(f"--weights {path}: the folder holds no encoder.safetensors, "
                             f"checkpoint.pt, {BEST} or {LAST}.")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         from ..pretrain.export import FORMAT as EXPORT_FORMAT, read_metadata
 
+        state = checkpoint.read_safetensors(path, "--weights")
         meta = read_metadata(path)
-        state = load_file(str(path))
         return state, meta, "mwm-export" if meta.get("format") == EXPORT_FORMAT else "timm"
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - pickle / zip errors of all kinds
-        raise DataError(f"--weights {path}: not a readable PyTorch weights file ({err}).") from err
+    obj = checkpoint.read(path, "--weights")
     if isinstance(obj, dict) and obj.get("format") == FINETUNE_FORMAT:
         meta = {k: obj.get(k) for k in ("arch", "mean", "std", "input_size", "classes")}
         return obj["model"], meta, "mwm-finetune"
@@ -87,7 +86,8 @@ def read_weights(path: str | os.PathLike) -> tuple[dict, dict, str]:
             raise DataError(f"--weights {path}: the pretrain checkpoint does not match its own "
                             f"configuration ({err}).") from err
         meta = {"arch": obj.get("arch", config["model"]), "mean": obj.get("mean"),
-                "std": obj.get("std"), "input_size": obj.get("input_size", config["input_size"])}
+                "std": obj.get("std"), "input_size": obj.get("input_size", config["input_size"]),
+                "masking": config.get("masking")}
         return spark.encoder_state_dict(), meta, "mwm-pretrain"
     try:
         return _unwrap(obj), {}, "timm"
@@ -97,12 +97,14 @@ def read_weights(path: str | os.PathLike) -> tuple[dict, dict, str]:
 
 
 def load_weights(model: nn.Module, state: dict, *, source: str = "weights",
-                 keep_head: bool = False) -> dict:
+                 keep_head: bool = False, meta: dict | None = None) -> dict:
     """Load ``state`` into ``model`` strictly on the backbone; return a key report.
 
     Head keys in ``state`` are dropped (reported as ``ignored_head_keys``) unless
     ``keep_head`` and their shapes match. Any other missing / unexpected / mis-shaped
-    key raises :class:`DataError` naming them.
+    key raises :class:`DataError` naming them, and the architecture the weights were made
+    for when ``meta`` (the metadata :func:`read_weights` returned; by default read again
+    from the file ``source``) records another one than the model's.
     """
     from ..pretrain.export import _classifier_keys
 
@@ -114,11 +116,36 @@ def load_weights(model: nn.Module, state: dict, *, source: str = "weights",
     parts = key_problems(own, state, may_miss=head.__contains__)
     if parts:
         arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-        raise DataError(f"{source}: the weights do not match the encoder {arch!r} — "
-                        + "; ".join(parts) + ". Only the classifier head may differ; pass "
-                        "--model with the architecture the weights were made for.")
+        recorded = meta if meta is not None else _recorded_metadata(source)
+        keys = "; ".join(parts)
+        other = _other_arch(source, recorded, arch)
+        raise DataError(f"{other} (the keys differ — {keys})." if other else (
+            f"{source}: the weights do not match the encoder {arch!r} — {keys}. Only the "
+            "classifier head may differ; pass --model with the architecture the weights "
+            "were made for."))
     model.load_state_dict(state, strict=False)
     head_missing = sorted(k for k in own if k in head and k not in state)
     return {"loaded": len(state), "missing_head_keys": head_missing,
             "ignored_head_keys": sorted(ignored)}
 
+
+def _recorded_metadata(source: str) -> dict:
+    """The metadata the weights file ``source`` records; {} when ``source`` is no such file
+    (a mismatch message must not fail on it)."""
+    try:
+        return read_weights(source)[1] if Path(source).exists() else {}
+    except DataError:
+        return {}
+
+
+def _other_arch(source: str, meta: dict, arch: str) -> str | None:
+    """Which ``--model`` to pass, when ``meta`` records an architecture other than ``arch``
+    (timm pretrained tags such as ``.a1_in1k`` aside); else None."""
+    saved = meta.get("arch")
+    if not saved or str(saved).split(".")[0] == str(arch).split(".")[0]:
+        return None
+    recorded = [f"{label} {meta[key]}" for key, label in (("input_size", "input size"),
+                                                           ("masking", "masking"))
+                if meta.get(key) is not None]
+    details = f" ({', '.join(recorded)})" if recorded else ""
+    return f"{source} holds a {saved} encoder{details} but --model is {arch}; pass --model {saved}"

@@ -60,13 +60,15 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
     ``out_dir/summary.json``; returns the summary: ``n_gt``, ``n_evaluated``,
     ``n_missing``, ``n_failed``, ``failures`` (name, file, reason), ``metrics``
     (``{name: {"mean", "std"}}``), ``extra_predictions``, ``tolerance_px``, ``spacing``
-    and ``conventions``.
+    and ``conventions``. When ``mwm postprocess`` or ``mwm refine`` wrote ``pred_dir``,
+    only the masks its manifest lists are predictions.
     """
     from ..data.io import list_image_files
     from ..data.layouts import expand_slices, find_images
     from ..files import write_csv, write_json
     from ..progress import progress as progress_bar
     from ..metrics import check_spacing
+    from ..runlog import stage_outputs
 
     spacing = check_spacing(spacing)
     if not math.isfinite(float(tolerance_px)) or float(tolerance_px) < 0:
@@ -74,6 +76,9 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
     gts = find_images(gt_dir)
     # an existing but empty prediction folder is allowed: every prediction is missing
     preds = {ref.name: ref for ref in expand_slices(list_image_files(pred_dir))}
+    listed = stage_outputs(pred_dir, ("postprocess", "refine"))
+    if listed is not None:  # the stage's own masks only: a stray file is never a prediction
+        preds = {name: ref for name, ref in preds.items() if ref.path.name in listed}
 
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []

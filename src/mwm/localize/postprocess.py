@@ -286,10 +286,12 @@ def postprocess_folder(saliency_dir: str | os.PathLike, out_dir: str | os.PathLi
     region mask (before any box step) scaled by ``config.box_ratio`` (1 = tight boxes when
     unset). ``images_dir`` is required for the CRF; images pair with maps by name (file
     stem, any extension). A map that fails (unreadable, wrong size, missing image) is
-    recorded in ``failures`` and the others go on.
+    recorded in ``failures`` and the others go on. When ``mwm localize`` wrote the folder,
+    only the maps its manifest lists are read (:func:`~mwm.runlog.stage_outputs`): other
+    files there are ``ignored``, a listed map that is missing is a failure.
 
     Returns ``{"n_maps", "n_written", "n_failed", "failures": [{"name", "file",
-    "reason"}], "out_dir", "boxes_dir", "config"}``.
+    "reason"}], "outputs", "ignored", "out_dir", "boxes_dir", "config"}``.
     """
     from ..errors import DataError
     from ..data.io import read_image
@@ -309,7 +311,7 @@ def postprocess_folder(saliency_dir: str | os.PathLike, out_dir: str | os.PathLi
 
         if not crf_available():
             raise ImportError(INSTALL_HINT)
-    maps = find_images(saliency_dir)
+    maps, ignored, failures = _listed_maps(saliency_dir)
     images = {ref.name: ref for ref in find_images(images_dir)} if config.crf is not None else {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -317,8 +319,7 @@ def postprocess_folder(saliency_dir: str | os.PathLike, out_dir: str | os.PathLi
         Path(boxes_dir).mkdir(parents=True, exist_ok=True)
     box_ratio = config.box_ratio if config.box_ratio is not None else 1.0
 
-    failures: list[dict[str, str]] = []
-    written = 0
+    written: list[str] = []
     for ref in progress_bar(maps, total=len(maps), desc="postprocess", unit="map",
                             enabled=progress):
         try:
@@ -333,14 +334,33 @@ def postprocess_folder(saliency_dir: str | os.PathLike, out_dir: str | os.PathLi
                 targets.append((safe_child(boxes_dir, f"{ref.name}.png"), boxes))
             for path, mask in targets:
                 write_png(path, mask.astype(np.uint8) * 255)
-            written += 1
+            written.append(targets[0][0].name)
         except (DataError, ValueError, OSError, ImportError) as err:
             failures.append({"name": ref.name, "file": str(ref.path),
                              "reason": f"{type(err).__name__}: {err}"})
-    return {"n_maps": len(maps), "n_written": written, "n_failed": len(failures),
-            "failures": failures, "out_dir": str(out_dir),
+    return {"n_maps": len(maps), "n_written": len(written), "n_failed": len(failures),
+            "failures": failures, "outputs": written, "ignored": ignored, "out_dir": str(out_dir),
             "boxes_dir": None if boxes_dir is None else str(boxes_dir),
             "config": config.to_dict()}
+
+
+def _listed_maps(saliency_dir) -> tuple[list, list[str], list[dict[str, str]]]:
+    """The maps to read: those ``mwm localize`` listed, when it wrote the folder (else every
+    image); the names of the other files; failures for listed maps that are missing."""
+    from ..data.layouts import find_images
+    from ..runlog import stage_outputs
+
+    maps = find_images(saliency_dir)
+    listed = stage_outputs(saliency_dir, ("localize",))
+    if listed is None:
+        return maps, [], []
+    kept = [ref for ref in maps if ref.path.name in listed]
+    ignored = sorted(ref.path.name for ref in maps if ref.path.name not in listed)
+    present = {ref.path.name for ref in kept}
+    missing = [{"name": Path(name).stem, "file": str(Path(saliency_dir) / name),
+                "reason": "listed by `mwm localize` but missing: re-run it to finish the maps"}
+               for name in sorted(listed - present)]
+    return kept, ignored, missing
 
 
 def _crf_image(name: str, images: Mapping[str, Any], images_dir: Any,

@@ -7,8 +7,10 @@
 feature of scale ``i`` (smallest first) is added to the input of block ``i``; a final
 ``Conv1x1`` maps to the 3 image channels.
 
-Initialization as SparK: convolutions truncated-normal (std 0.02, zero bias),
-transposed convolutions Kaiming-normal, BN weight 1 / bias 0.
+Initialization as SparK's decoder: convolutions truncated-normal (std 0.02, zero bias),
+transposed convolutions Kaiming-normal, BN weight 1 / bias 0. The densify projections
+(in :class:`~mwm.pretrain.spark.SparKModel`) keep PyTorch's default convolution
+initialization, as SparK's do.
 """
 
 from __future__ import annotations

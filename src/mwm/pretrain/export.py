@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from .. import checkpoint
 from ..errors import DataError
 
-__all__ = ["export_encoder", "load_encoder", "read_metadata", "FORMAT"]
+__all__ = ["export_encoder", "is_export", "load_encoder", "read_metadata", "FORMAT"]
 
 FORMAT = "mwm-encoder"
 
@@ -145,8 +147,6 @@ def load_encoder(path: str | os.PathLike, arch: str | None = None, num_classes: 
     classifier head may be missing (it keeps timm's initialization); any other missing,
     unexpected or mis-shaped key raises :class:`~mwm.data.io.DataError` naming them.
     """
-    from safetensors.torch import load_file
-
     import timm
 
     meta = read_metadata(path)
@@ -158,7 +158,7 @@ def load_encoder(path: str | os.PathLike, arch: str | None = None, num_classes: 
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **timm_kwargs)
     except RuntimeError as err:
         raise DataError(f"{path}: cannot create timm model {arch!r} ({err}).") from err
-    state = load_file(os.fspath(path))
+    state = checkpoint.read_safetensors(path)
     own = model.state_dict()
     parts = key_problems(own, state, may_miss=_classifier_keys(model).__contains__)
     if parts:
@@ -168,3 +168,14 @@ def load_encoder(path: str | os.PathLike, arch: str | None = None, num_classes: 
                         + "; ".join(parts) + "." + hint)
     model.load_state_dict(state, strict=False)
     return model
+
+
+def is_export(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a safetensors file MWM wrote (``mwm export`` replaces only those
+    without ``--overwrite``; reads the header only, never unpickles)."""
+    if not Path(path).is_file():
+        return False
+    try:
+        return str(read_metadata(path).get("format", "")).startswith("mwm-encoder")
+    except DataError:
+        return False

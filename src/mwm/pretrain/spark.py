@@ -173,9 +173,9 @@ class SparKModel(nn.Module):
             if kernel == 1 and c == widths[i]:
                 proj = nn.Identity()
             else:
+                # PyTorch's default initialization, as SparK's densify projections (only
+                # its decoder is re-initialized truncated-normal)
                 proj = nn.Conv2d(c, widths[i], kernel_size=kernel, stride=1, padding=kernel // 2, bias=True)
-                nn.init.trunc_normal_(proj.weight, std=0.02)
-                nn.init.zeros_(proj.bias)
             self.densify_projs.append(proj)
 
     # ---- helpers

@@ -78,7 +78,7 @@ def sample_masks(cfg: PretrainConfig, regions_bhw: torch.Tensor, patch: int, ste
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    return checkpoint.load(path, CHECKPOINT_NAME)
+    return checkpoint.load(path, CHECKPOINT_NAME, kind="pretrain")
 
 
 # --------------------------------------------------------------------------- the run

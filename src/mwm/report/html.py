@@ -86,6 +86,20 @@ class ReportConfig:
     quiet: bool = opt(False, "print only the report's path")
 
 
+#: The generator tag of MWM's reports: ``mwm report`` replaces only files that carry it.
+GENERATOR = "mwm report"
+
+
+def is_report(path: str | Path) -> bool:
+    """Whether ``path`` is an HTML report MWM wrote (its head names the generator)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return False
+    return f'<meta name="generator" content="{GENERATOR}">'.encode() in head
+
+
 def write_report(run_dir: str | Path, path: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     path = Path(path) if path else run_dir / "report.html"
@@ -107,6 +121,7 @@ def render_report(run_dir: Path) -> str:
             f"{html.escape(str(manifest.get('mwm_version', '?')))} · commit "
             f"{html.escape(str(manifest.get('git_commit') or 'unknown (not run from a git checkout)'))}")
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"generator\" content=\"{GENERATOR}\">"
             f"<title>{html.escape(title)}</title><style>{STYLE}</style>"
             f"<script>{LOAD_CHECK}</script></head>\n<body><h1>{html.escape(title)}</h1>"
             f"<p class=\"note\">{meta}</p>\n{body}\n</body></html>\n")
