@@ -369,5 +369,30 @@ def test_token_max_loss_changes_training_and_is_recorded(phantoms, tmp_path):
     assert "token_max_weight" not in (tmp_path / "a" / CONFIG_NAME).read_text()
     model = open_clip.create_model("local-dir:" + str(tmp_path / "b"))  # a plain open_clip model
     assert model.visual.output_tokens is False
+    _check_m2ib_recommendation(tmp_path)
     with pytest.raises(ValueError, match="token.max.weight"):
         train_clip(phantoms, tmp_path / "c", token_max_weight=-1.0, **TINY)
+
+
+def _check_m2ib_recommendation(tmp_path):
+    """The folders carry the M2IB settings `mwm localize` uses when it is not given them:
+    the last block (scratch-micro has 2), or the last two with the token-max loss."""
+    import json
+
+    from mwm.localize.m2ib import M2IBConfig
+    from mwm.localize.vlm import load_vlm
+
+    advice = {name: json.loads((tmp_path / name / "m2ib_recommended.json").read_text())
+              for name in ("a", "b")}
+    assert {k: advice["a"][k] for k in ("layer", "beta", "noise_scale")} == \
+        {"layer": 1, "beta": 1.0, "noise_scale": 0.5}
+    assert advice["b"]["layer"] == [0, 1]
+    adapter = load_vlm(str(tmp_path / "b"))
+    resolved = M2IBConfig(beta=2.0).for_model(adapter)
+    assert (resolved.layer, resolved.noise_scale, resolved.beta) == ((0, 1), 0.5, 2.0)
+    # a folder saved without advice (a fine-tuned model) loses an earlier run's advice
+    net, _, cfg, pre, _ = build_model("scratch-micro")
+    from mwm.clip.model import save_model_folder
+
+    save_model_folder(tmp_path / "a", net, cfg, pre)
+    assert not (tmp_path / "a" / "m2ib_recommended.json").exists()

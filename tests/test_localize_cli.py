@@ -64,7 +64,7 @@ def test_tune_writes_table_and_uses_best(setup, capsys):
     used = json.loads((out / "m2ib_config.json").read_text())
     assert {k: used[k] for k in best} == best
     rows = (out / "tune_table.csv").read_text().strip().splitlines()
-    assert len(rows) == 1 + 3 * 3 * 3  # beta x layers {D-2, D-1, both} x noise-scale
+    assert len(rows) == 1 + 3 * 3 * 3 * 2  # beta x layers {D-2, D-1, both} x noise x standardize
 
 
 def test_offline_default_model_is_a_clear_error(setup, capsys):

@@ -78,5 +78,26 @@ def test_refine_folder_pairs_by_name_and_records_failures(tmp_path):
 
 
 def test_offline_checkpoint_is_a_clear_error():
-    with pytest.raises(ModelUnavailableError, match="sam-vit-base.*local cache"):
+    with pytest.raises(ModelUnavailableError, match="sam-vit-base.*local cache") as info:
         SamRefiner.from_pretrained("facebook/sam-vit-base")
+    # SAM's own offline options, not open_clip's local-dir: form
+    assert "SamModel folder" in str(info.value) and "local-dir:" not in str(info.value)
+
+
+def test_refine_reads_only_the_masks_postprocess_listed(tmp_path):
+    from mwm.runlog import RunManifest
+
+    (tmp_path / "images").mkdir()
+    cv2.imwrite(str(tmp_path / "images" / "a.png"), np.full((40, 40), 90, np.uint8))
+    cv2.imwrite(str(tmp_path / "images" / "b.png"), np.full((40, 40), 90, np.uint8))
+    manifest = RunManifest(tmp_path / "coarse", "postprocess", {})
+    manifest.add(outputs=["a.png"])
+    with manifest:
+        pass
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10:20, 10:25] = 255
+    cv2.imwrite(str(tmp_path / "coarse" / "a.png"), mask)
+    cv2.imwrite(str(tmp_path / "coarse" / "b.png"), mask)  # a stray: not postprocess's
+    summary = refine_folder(tmp_path / "images", tmp_path / "coarse", tmp_path / "out", tiny_sam(),
+                            progress=False)
+    assert summary["outputs"] == ["a.png"] and not (tmp_path / "out" / "b.png").exists()

@@ -4,9 +4,10 @@ Every setting a user can choose is a field of a config dataclass, declared with
 :func:`opt`: its default, a help text and, where it has one, a range. The command line
 is generated from those fields (:mod:`mwm.cli.flags`): a field ``input_size`` is the flag
 ``--input-size`` and the YAML key ``input_size`` (or ``input-size``) of ``--config FILE``;
-``bool`` fields that default to True become ``--no-<name>`` flags. YAML files are read by
-:func:`load_yaml`; an unknown key is an error that names the file and lists the keys the
-command accepts, so a typo never passes silently.
+``bool`` fields that default to True become ``--no-<name>`` flags, and those that default
+to None (``bool | None``: "not given") both ``--<name>`` and ``--no-<name>``. YAML files
+are read by :func:`load_yaml`; an unknown key is an error that names the file and lists
+the keys the command accepts, so a typo never passes silently.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from .. import __version__
 from ..errors import DataError
 from .commands import COMMANDS, EXIT_USAGE, Command
 from ..runtime import RunOptions
-from .flags import _add, add_flags, config_defaults, config_from_args, flags_of
+from .flags import add_flags, add_option_flags, config_defaults, config_from_args
 
 __all__ = ["build_parser", "main", "parse_args"]
 
@@ -49,8 +49,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             p = _command_parser(sub, cmd.name, cmd)
         if cmd.name == command:
             add_flags(p, cmd.config_class())
-            for flag, _ in flags_of(RunOptions):
-                _add(p, flag)
+            add_option_flags(p, RunOptions)
     return parser
 
 

@@ -146,7 +146,7 @@ def run_localize(cfg, opts) -> int:
         val = attach_prompts(replace_masks(open_dataset(val_images).samples, val_masks),
                              prompts, cfg.prompt, source=source)
         post = PostprocessConfig(method=cfg.method, threshold=cfg.threshold, top_k=cfg.top_k)
-        tune = TuneSpec(val, post, cfg.tune_images, cfg.m2ib.seed)
+        tune = TuneSpec(val, post, cfg.tune_images, cfg.m2ib.seed, published=cfg.published)
     dist = torchrun_env()
     manifest = _on_main_rank(cfg.out, "localize", cfg, cfg.m2ib.seed)
     if isinstance(manifest, RunManifest):  # listed from the start: postprocess reads these maps and no stray file
@@ -160,7 +160,8 @@ def run_localize(cfg, opts) -> int:
     if summary.tune_rows:
         m2ib, rows = summary.m2ib, summary.tune_rows
         print(f"tuned on {rows[0]['n_images']} validation images: best beta {m2ib['beta']}, "
-              f"layer {m2ib['layer']}, noise-scale {m2ib['noise_scale']} "
+              f"layer {m2ib['layer']}, noise-scale {m2ib['noise_scale']}, "
+              f"standardize {'on' if m2ib['standardize'] else 'off'} "
               f"(DSC {max(r['dice_mean'] for r in rows):.3f}); table in {cfg.out}/tune_table.csv")
     print(f"{summary.n_written} saliency maps written, {summary.n_skipped} up to date (skipped), "
           f"into {cfg.out}")

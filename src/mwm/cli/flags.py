@@ -3,7 +3,8 @@
 Each field declared with :func:`mwm.config.opt` becomes one flag: ``input_size`` →
 ``--input-size`` (type from the annotation, help, choices, ``nargs`` and ``metavar`` from
 the metadata, the default from the field); a ``bool`` field is a switch (``--amp``, or
-``--no-fill`` when it defaults to True); ``positional`` fields are positional arguments; a
+``--no-fill`` when it defaults to True), or both ``--standardize``/``--no-standardize``
+when it defaults to None (not given); ``positional`` fields are positional arguments; a
 field with ``flatten`` contributes the flags of its own dataclass (``mwm localize``'s M2IB
 settings). ``--config FILE.yaml`` supplies values for any flag (keys = flag names, dashes or
 underscores); flags on the command line win. Required settings may come from either, so
@@ -80,6 +81,12 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+def add_option_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add only the flags of ``cls`` (options every command takes, beside its config's)."""
+    for flag, _ in flags_of(cls):
+        _add(parser, flag)
+
+
 def _add(parser: argparse.ArgumentParser, flag: Flag) -> None:
     f, meta = flag.field, flag.field.metadata
     default = None if flag.required else (
@@ -87,7 +94,10 @@ def _add(parser: argparse.ArgumentParser, flag: Flag) -> None:
     text = (meta.get("help") or "").replace("%", "%%")  # argparse formats help with %
     option = "--" + flag.dest.replace("_", "-")
     if flag.kind is bool:
-        if default:
+        if default is None:  # not given stays None, so the library can tell it from either value
+            parser.add_argument(option, dest=flag.dest, action=argparse.BooleanOptionalAction,
+                                default=None, help=text)
+        elif default:
             parser.add_argument("--no-" + option[2:], dest=flag.dest, action="store_false",
                                 default=True, help=f"turn off: {text}" if text else None)
         else:

@@ -5,7 +5,9 @@
   built-in open_clip name, with a clear error when its weights are not available;
 * :func:`save_model_folder` / :func:`load_clip` — open_clip's own folder format
   (``open_clip_config.json`` + ``open_clip_model.safetensors``), which
-  ``open_clip.create_model("local-dir:DIR")`` and MWM's ``--model DIR`` load offline;
+  ``open_clip.create_model("local-dir:DIR")`` and MWM's ``--model DIR`` load offline, and
+  the M2IB settings recommended for it (:func:`recommended_m2ib`,
+  ``m2ib_recommended.json``);
 * :func:`encode_image_and_token_max` — the second image embedding of the token-max loss.
 """
 
@@ -116,6 +118,7 @@ def build_model(model: str = "scratch-tiny", *, input_size: int | None = None,
     """
     import open_clip
 
+    from ..localize.hub import hub_guard
     from ..utils import seed_everything
 
     if model in PRESETS:
@@ -130,6 +133,16 @@ def build_model(model: str = "scratch-tiny", *, input_size: int | None = None,
     name = model
     if not name.startswith(("hf-hub:", "local-dir:")) and Path(name).is_dir():
         name = "local-dir:" + str(Path(name).resolve())
+    with hub_guard():  # an unreachable hub: the cache only, and a missing model at once
+        return _build_pretrained(model, name, input_size, pretrained, seed)
+
+
+def _build_pretrained(model: str, name: str, input_size: int | None, pretrained: str | None,
+                      seed: int):
+    import open_clip
+
+    from ..utils import seed_everything
+
     cfg, pre = _source_config(name)
     if input_size is not None and int(input_size) != _image_size(cfg):
         raise ValueError(f"{model} takes {_image_size(cfg)} px input; input_size={input_size} "
@@ -180,9 +193,9 @@ def _source_config(name: str) -> tuple[dict, dict]:
 
 
 def _load_hint(model: str, err: Exception, pretrained: str | None = None) -> str:
-    from ..localize.hub import hub_offline
+    from ..localize.hub import offline_reason
 
-    offline = hub_offline()
+    offline = offline_reason()
     msg = f"cannot load model {model!r} ({type(err).__name__}: {err})."
     repo = None
     if model.startswith("hf-hub:"):
@@ -198,7 +211,7 @@ def _load_hint(model: str, err: Exception, pretrained: str | None = None) -> str
         where = (f"run `huggingface-cli download {repo.strip('/')}`" if repo else
                  "download the weights once")
         msg += (" Its config/weights are not in the local Hugging Face cache"
-                + (" and HF_HUB_OFFLINE is set" if offline else "")
+                + (f" and the hub cannot be used ({offline})" if offline else "")
                 + f". Provide the weights in one of these ways: (1) on a machine with network, "
                 f"{where} (fills ~/.cache/huggingface; copy that folder over, or set HF_HOME "
                 "to it); (2) pass a local open_clip folder with "
@@ -209,10 +222,32 @@ def _load_hint(model: str, err: Exception, pretrained: str | None = None) -> str
 
 # --------------------------------------------------------------------------- saving/loading
 
+def recommended_m2ib(model_cfg: dict, token_max_weight: float) -> dict:
+    """The M2IB settings to localize with a scratch model trained by ``mwm clip train``.
+
+    Measured with ``scratch-tiny`` on brain-MRI phantoms (``docs/m2ib.md``,
+    ``benchmarks/results/localization.md``): the last block's output (with the token-max
+    loss: the last two blocks, maps averaged) and half the noise scale; beta changed
+    little between 1 and 10. The demo and the phantom experiment use the same layer and
+    noise scale.
+    """
+    depth = int(model_cfg["vision_cfg"]["layers"])
+    layer: int | list[int] = depth - 1
+    if token_max_weight and depth >= 2:
+        layer = [depth - 2, depth - 1]
+    return {"layer": layer, "beta": 1.0, "noise_scale": 0.5,
+            "note": "written by `mwm clip train` for its scratch model; `mwm localize` uses "
+                    "these for the M2IB settings it is not given (docs/clip-training.md)"}
+
+
 def save_model_folder(out_dir: str | os.PathLike, model, model_cfg: dict, preprocess_cfg: dict,
-                      tokenizer=None, extra: dict | None = None) -> None:
-    """Write ``open_clip_config.json`` + ``open_clip_model.safetensors`` atomically."""
+                      tokenizer=None, extra: dict | None = None,
+                      m2ib: dict | None = None) -> None:
+    """Write ``open_clip_config.json`` + ``open_clip_model.safetensors`` atomically, and
+    ``m2ib_recommended.json`` with ``m2ib`` (a stale one is removed without it)."""
     from safetensors.torch import save_file
+
+    from ..localize.hub import RECOMMENDED_M2IB
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -226,6 +261,10 @@ def save_model_folder(out_dir: str | os.PathLike, model, model_cfg: dict, prepro
     if extra:
         conf["mwm"] = extra
     write_json(out / CONFIG_NAME, conf)
+    if m2ib:
+        write_json(out / RECOMMENDED_M2IB, m2ib)
+    elif (out / RECOMMENDED_M2IB).is_file():  # an earlier run's advice for another model
+        (out / RECOMMENDED_M2IB).unlink()
 
 
 def load_clip(folder: str | os.PathLike, device: str = "cpu"):

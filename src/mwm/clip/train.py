@@ -11,6 +11,7 @@ and MWM's ``--model DIR`` load it offline)::
 
     open_clip_config.json        {"model_cfg": ..., "preprocess_cfg": {...}, "mwm": {...}}
     open_clip_model.safetensors  model weights
+    m2ib_recommended.json        M2IB settings for `mwm localize` (scratch models only)
     train_log.csv                epoch,loss,lr,seconds,images_per_second
     checkpoint.pt                weights + optimizer state + settings, for resuming
     (tokenizer files)            only for models with a Hugging Face tokenizer
@@ -40,7 +41,7 @@ from .data import CaptionPair, augment_batch, is_finding, load_images, read_pair
 from .losses import LOSSES, contrastive_loss, same_caption_matrix
 from .model import (CONFIG_NAME, OPENAI_MEAN, OPENAI_STD, PRESET_LR, SCRATCH_TOKEN_MAX_WEIGHT,
                     WEIGHTS_NAME, _image_size, build_model, encode_image_and_token_max,
-                    save_model_folder)
+                    recommended_m2ib, save_model_folder)
 
 __all__ = ["CHECKPOINT_NAME", "CONFIG_NAME", "ClipTrainConfig", "ClipTrainSummary", "LOG_NAME",
            "WEIGHTS_NAME", "train_clip"]
@@ -193,6 +194,8 @@ class _ClipRun:
         self.token_max = cfg.token_max_weight
         if self.token_max is None:
             self.token_max = SCRATCH_TOKEN_MAX_WEIGHT if kind == "scratch" else 0.0
+        # M2IB advice only where it was measured: models trained from scratch
+        self.m2ib = recommended_m2ib(self.model_cfg, self.token_max) if kind == "scratch" else None
         default_lr = PRESET_LR.get(cfg.model, 5e-4) if kind == "scratch" else 1e-5
         peak = float(cfg.lr if cfg.lr is not None else default_lr)
         self.settings = self._settings(peak)
@@ -347,7 +350,7 @@ class _ClipRun:
         import torch
 
         save_model_folder(self.out, self.net, self.model_cfg, self.pre_cfg, self.tokenizer,
-                          self.extra)
+                          self.extra, m2ib=self.m2ib)
         write_csv(self.out / LOG_NAME, self.log, LOG_FIELDS)
         state = {"format": "mwm-clip-checkpoint", "version": 1, **self.engine.state(),
                  "settings_json": json.dumps(self.settings, sort_keys=True, default=str),
@@ -357,15 +360,10 @@ class _ClipRun:
             torch.save(state, tmp)
 
     def _restore(self, path: Path) -> None:
-        import torch
-
+        from ..checkpoint import read as read_checkpoint
         from ..engine import settings_changes
 
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise DataError(f"{path}: cannot read the checkpoint ({err}). Delete it to start over "
-                            "or pass --no-resume / a new --out.") from err
+        state = read_checkpoint(path, kind="clip")  # a DataError naming the file if unusable
         if not isinstance(state, dict) or state.get("format") != "mwm-clip-checkpoint":
             raise DataError(f"{path}: not an MWM CLIP checkpoint.")
         old = json.loads(state["settings_json"])

@@ -181,6 +181,10 @@ def task_of(item: dict, source: str = "<code>"):
     return task
 
 
+#: How the shipped paper-scale configs mark the path a user must fill in.
+PLACEHOLDER = "/path/to/"
+
+
 def _data(section: dict, source: str) -> dict:
     _check_keys(section, {"phantoms", "images"}, source, "data")
     if ("phantoms" in section) == ("images" in section):
@@ -188,6 +192,10 @@ def _data(section: dict, source: str) -> dict:
                         "'images' (a folder or manifest with labels and splits).")
     if "phantoms" in section:
         _check_keys(section["phantoms"], {"modality", "n", "size", "seed"}, source, "data.phantoms")
+    elif str(section["images"]).startswith(PLACEHOLDER):
+        raise DataError(f"{source}: data.images is still the placeholder {section['images']!r}; "
+                        "edit the file to point at your dataset (a folder or a CSV manifest "
+                        "with labels and splits, see docs/data.md).")
     return dict(section)
 
 

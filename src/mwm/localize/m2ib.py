@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import opt
+from ..config import flag_name, opt
 from ..errors import DataError
 from .vlm import VLMAdapter
 
@@ -47,9 +47,29 @@ def parse_layers(text: str) -> int | tuple[int, ...]:
     return values[0] if len(values) == 1 else values
 
 
+#: What a setting left at None becomes when the model folder recommends nothing
+#: (:meth:`M2IBConfig.resolved`): MWM's defaults, the ones the maps were always made with.
+DEFAULTS = {"layer": 7, "beta": 1.0, "noise_scale": 1.0, "standardize": True}
+
+#: ``--published``: the published code's values (MedCLIP-SAMv2's
+#: ``generate_saliency_maps.py``: ``--vlayer 7 --vbeta 0.1``, ``--vvar`` unused; M2IB's
+#: ``vision_heatmap_iba``: 10 Adam steps with lr 1 on a batch of 10 noise draws, alpha
+#: initialised to 5, the prior N(0, 1) on raw activations, fp32, one map per forward).
+PUBLISHED = {"layer": 7, "beta": 0.1, "noise_scale": 1.0, "standardize": False, "steps": 10,
+             "samples": 10, "lr": 1.0, "alpha_init": 5.0, "shifts": 1, "smooth": 0.0,
+             "amp": False}
+#: What ``--published`` leaves to the user: the published code's own options (``--vlayer``,
+#: ``--vbeta``); the rest of :data:`PUBLISHED` defines its computation.
+PUBLISHED_OPTIONS = ("layer", "beta")
+
+
 @dataclass
 class M2IBConfig:
     """M2IB hyper-parameters; every one of them changes the maps.
+
+    ``layer``, ``beta``, ``noise_scale`` and ``standardize`` default to None: "not given",
+    filled from the model folder's recommendation (``m2ib_recommended.json``, written by
+    ``mwm clip train``), else from :data:`DEFAULTS` (:meth:`for_model`, :meth:`resolved`).
 
     ``layer``: 0-based vision block whose output is bottlenecked (must be < depth), or
     several blocks (a tuple): one bottleneck per block, each map scaled to [0, 1], the
@@ -74,18 +94,22 @@ class M2IBConfig:
     bilinear-upsampling ridges that otherwise decide where a threshold cuts.
     """
 
-    layer: int | tuple[int, ...] = opt(7, "vision block (0-based) whose output passes the "
-                                       "bottleneck, or blocks such as 1,2: one map per block, "
-                                       "averaged", parse=parse_layers)
-    beta: float = opt(1.0, "weight of the information term", low=0.0)
-    noise_scale: float = opt(1.0, "std of the noise and prior", above=0.0)
+    layer: int | tuple[int, ...] | None = opt(
+        None, "vision block (0-based) whose output passes the bottleneck, or blocks such as "
+        "1,2: one map per block, averaged (default: the model folder's recommendation, else 7)",
+        parse=parse_layers)
+    beta: float | None = opt(None, "weight of the information term (default: the model "
+                             "folder's recommendation, else 1)", low=0.0)
+    noise_scale: float | None = opt(None, "std of the noise and prior (default: the model "
+                                    "folder's recommendation, else 1)", above=0.0)
     steps: int = opt(10, "Adam steps per image", low=1)
     samples: int = opt(10, "noise draws per step", low=1)
     lr: float = opt(1.0, "Adam learning rate on alpha", low=0.0, flag="m2ib_lr")
     alpha_init: float = opt(5.0, "initial alpha (sigmoid(5) keeps 99% of the signal)")
     seed: int = opt(0, "noise seed (per image, from the image's name)")
     batch_size: int = opt(8, "images optimized together (no effect on the maps)", low=1)
-    standardize: bool = opt(True, "standardize the block output per image and channel first")
+    standardize: bool | None = opt(None, "standardize the block output per image and channel "
+                                   "first (default: the model folder's recommendation, else on)")
     amp: bool = opt(False, "bf16 autocast (faster on CPU and GPU)")
     shifts: int = opt(1, "average the maps of N x N sub-patch shifts of the input: finer, "
                       "less noisy maps for N^2 the time (1 = off)", low=1)
@@ -98,13 +122,76 @@ class M2IBConfig:
 
     @property
     def layers(self) -> tuple[int, ...]:
-        """The bottlenecked blocks, as a tuple (one element for a single ``layer``)."""
+        """The bottlenecked blocks, as a tuple (one element for a single ``layer``; empty
+        while ``layer`` is None)."""
+        if self.layer is None:
+            return ()
         return self.layer if isinstance(self.layer, tuple) else (self.layer,)
 
+    def resolved(self, recommended: dict | None = None) -> "M2IBConfig":
+        """Settings left at None from ``recommended`` (a model's), else :data:`DEFAULTS`."""
+        recommended = recommended or {}
+        return replace(self, **{k: recommended.get(k, DEFAULTS[k]) if getattr(self, k) is None
+                                else getattr(self, k) for k in DEFAULTS})
+
+    def for_model(self, adapter: VLMAdapter, *, tuning: bool = False) -> "M2IBConfig":
+        """:meth:`resolved` with the adapter's recommendation (a model folder's
+        ``m2ib_recommended.json``, checked against the model here). A default layer the
+        model is too shallow for is an error, unless ``tuning`` (the grid picks layers)."""
+        recommended = dict(getattr(adapter, "m2ib_recommendation", None) or {})
+        if recommended:
+            try:
+                M2IBConfig(**recommended).validate(adapter.depth)
+            except (DataError, TypeError) as err:
+                where = getattr(adapter, "m2ib_recommendation_file", None) or adapter.name
+                raise DataError(f"{where}: {err}; fix or delete that file.") from err
+        if self.layer is None and "layer" not in recommended and not tuning \
+                and DEFAULTS["layer"] >= adapter.depth:
+            d = adapter.depth
+            raise DataError(f"M2IB: this model has {d} vision blocks, too few for the default "
+                            f"layer {DEFAULTS['layer']}; give --layer in 0..{d - 1} (e.g. "
+                            f"{d - 1}), or --tune to search its last blocks.")
+        return self.resolved(recommended)
+
+    def published(self) -> "M2IBConfig":
+        """The published computation (:data:`PUBLISHED`), whatever the model recommends.
+
+        ``layer`` and ``beta`` keep a value given (the published code's options); a
+        setting given that contradicts the published computation is an error naming it
+        (a setting equal to its default cannot be told from one not given: the defaults
+        of those settings are the published values, except ``standardize`` and
+        ``noise_scale``, whose None means "not given").
+        """
+        conflicts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in PUBLISHED and f.name not in PUBLISHED_OPTIONS and value is not None \
+                    and value != PUBLISHED[f.name]:
+                conflicts.append(f"--{flag_name(f).replace('_', '-')} {value!r} (published: "
+                                 f"{PUBLISHED[f.name]!r})")
+        if conflicts:
+            verb = "contradicts" if len(conflicts) == 1 else "contradict"
+            raise DataError("--published fixes the M2IB computation to the published code's, "
+                            f"but {', '.join(conflicts)} {verb} it; leave them out, or leave "
+                            "out --published.")
+        return replace(self, **{k: v if getattr(self, k) is None else getattr(self, k)
+                                for k, v in PUBLISHED.items()})
+
     def validate(self, depth: int | None = None) -> "M2IBConfig":
+        """Check every setting (``depth``: also the layers against the model's blocks).
+
+        Settings left at None pass (they are filled by :meth:`resolved`)."""
         def bad(msg: str):
             raise DataError(f"M2IB: {msg}")
 
+        if self.standardize not in (None, True, False):
+            bad(f"standardize must be true or false, got {self.standardize!r}")
+        if self.layer is not None:
+            self._validate_layers(depth, bad)
+        self._validate_numbers(bad)
+        return self
+
+    def _validate_layers(self, depth: int | None, bad) -> None:
         if not self.layers or len(set(self.layers)) != len(self.layers):
             bad(f"layer must be a block index or distinct indices, got {self.layer!r}")
         for layer in self.layers:
@@ -115,15 +202,19 @@ class M2IBConfig:
                 bad(f"layer {layer} is out of range: this model has {depth} vision blocks, "
                     f"so layer must be in {rng} (0-based; the bottleneck acts on that block's "
                     "output).")
+
+    def _validate_numbers(self, bad) -> None:
         for name in ("steps", "samples", "batch_size", "shifts"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 bad(f"{name} must be an integer >= 1, got {value!r}")
         for name in ("beta", "lr"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            if value is not None and not (isinstance(value, (int, float))
+                                          and math.isfinite(value) and value >= 0):
                 bad(f"{name} must be a finite number >= 0, got {value!r}")
-        if not (isinstance(self.noise_scale, (int, float)) and math.isfinite(self.noise_scale)
+        if self.noise_scale is not None and not (
+                isinstance(self.noise_scale, (int, float)) and math.isfinite(self.noise_scale)
                 and self.noise_scale > 0):
             bad(f"noise_scale must be a finite number > 0, got {self.noise_scale!r}")
         if not (isinstance(self.smooth, (int, float)) and math.isfinite(self.smooth)
@@ -131,7 +222,6 @@ class M2IBConfig:
             bad(f"smooth must be a finite number >= 0 (Gaussian std in patches), got {self.smooth!r}")
         if not (isinstance(self.alpha_init, (int, float)) and math.isfinite(self.alpha_init)):
             bad(f"alpha_init must be a finite number, got {self.alpha_init!r}")
-        return self
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,7 +265,7 @@ def saliency_maps(adapter: VLMAdapter, images: Sequence[np.ndarray],
     ``progress(n)`` is called after each batch with the number of images it finished.
     A map that is constant (no information difference between patches) is all zeros.
     """
-    config = (config or M2IBConfig()).validate(adapter.depth)
+    config = (config or M2IBConfig()).for_model(adapter).validate(adapter.depth)
     images = list(images)
     if isinstance(prompts, str):
         prompts = [prompts] * len(images)
@@ -286,7 +376,7 @@ def information_maps(adapter: VLMAdapter, pixels: Tensor, text: Tensor,
     embeddings; ``generators``: one generator per image (its noise source), on the
     model's device.
     """
-    cfg = config.validate(adapter.depth)
+    cfg = config.for_model(adapter).validate(adapter.depth)
     b = pixels.shape[0]
     if text.shape[0] != b or len(generators) != b:
         raise DataError("M2IB: pixels, text and generators must have the same batch size")

@@ -94,6 +94,7 @@ class TuneSpec:
     post: PostprocessConfig
     n_images: int = 20
     seed: int = 0
+    published: bool = False  # search only beta x layer, the published formula kept
 
 
 @dataclass(kw_only=True)
@@ -111,9 +112,14 @@ class LocalizeConfig:
     trust_remote_code: bool = opt(False, "allow a transformers model's own code to run")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto (a GPU if there is one)")
     m2ib: M2IBConfig = opt(factory=M2IBConfig, flatten=True)
-    tune: tuple[str, str] | None = opt(None, "grid-search beta x layer x noise-scale on validation "
-                                       "masks first, scored by DSC after the postprocessing "
-                                       "below; the run uses the best", nargs=2,
+    published: bool = opt(False, "the published M2IB code's settings (standardize off, "
+                          "noise-scale 1, beta 0.1, layer 7, 10 steps of 10 noise draws, lr 1); "
+                          "--layer and --beta may still be given, M2IB flags that contradict it "
+                          "are refused (docs/m2ib.md)")
+    tune: tuple[str, str] | None = opt(None, "grid-search beta x layer x noise-scale x "
+                                       "standardize (with --published: beta x layer) on "
+                                       "validation masks first, scored by DSC after the "
+                                       "postprocessing below; the run uses the best", nargs=2,
                                        metavar=("VAL_IMAGES", "VAL_MASKS"))
     tune_images: int = opt(20, "validation images for --tune", low=1)
     method: str = opt(default_of(PostprocessConfig, "method"), "postprocessing used to score "
@@ -122,6 +128,10 @@ class LocalizeConfig:
                            "--method threshold", low=0.0, high=1.0)
     top_k: int | None = opt(None, "--tune: components kept (0 or none = all)", low=0)
     quiet: bool = opt(False, "no progress bars")
+
+    def __post_init__(self) -> None:
+        if self.published:  # every M2IB setting fixed here, so the manifest records them
+            self.m2ib = self.m2ib.published()
 
 
 SaliencyFn = Callable[[list[np.ndarray], list, list[str]], list[np.ndarray]]
@@ -134,9 +144,13 @@ def localize(samples: list[Sample], out: str | Path, *, model, m2ib, tune: TuneS
     """Saliency maps of every sample's prompt into ``out`` (see the module docstring).
 
     ``model``: a model name or folder (:func:`~mwm.localize.vlm.load_vlm`) or an adapter;
-    ``m2ib``: an :class:`~mwm.localize.m2ib.M2IBConfig`; ``tune``: tune beta x layer x
-    noise-scale first and use the best; ``model_id``: what identifies the model in the
-    maps' fingerprints (default: the name, with the weight files of a local folder);
+    ``m2ib``: an :class:`~mwm.localize.m2ib.M2IBConfig`, its settings left at None taken
+    from the model folder's recommendation, else M2IB's defaults, before anything is
+    written (``m2ib_config.json`` and the maps' fingerprints hold the values used);
+    ``tune``: tune beta x layer x noise-scale x standardize first (any layer given is
+    then not checked: the grid picks the model's) and use the best; ``model_id``: what
+    identifies the model in the maps' fingerprints (default: the name, with the weight
+    files of a local folder);
     ``shard_of``: ``(rank, world)`` of this process; ``write_batch``: images per call of
     the saliency function (default: M2IB's batch size; no effect on the maps).
     """
@@ -149,10 +163,13 @@ def localize(samples: list[Sample], out: str | Path, *, model, m2ib, tune: TuneS
     else:
         adapter = load_vlm(model, device=str(resolve_device(device)),
                            trust_remote_code=trust_remote_code)
-    m2ib = m2ib.validate(adapter.depth)
     rows: list[dict] = []
-    if tune is not None:
+    if tune is None:
+        m2ib = m2ib.for_model(adapter).validate(adapter.depth)
+    else:  # the grid replaces the layer, so the default 7 need not fit a shallow model
+        m2ib = m2ib.for_model(adapter, tuning=True).validate()
         m2ib, rows = _tuned(adapter, m2ib, tune, out, progress)
+        m2ib = m2ib.validate(adapter.depth)
     name = model if isinstance(model, str) else adapter.name
     if model_id is None:
         model_id = model_identity(name) if isinstance(model, str) else name
@@ -168,11 +185,12 @@ def localize(samples: list[Sample], out: str | Path, *, model, m2ib, tune: TuneS
 
 def _tuned(adapter, m2ib, spec: TuneSpec, out, progress: bool):
     from .m2ib import saliency_maps
-    from .tune import pick_validation, tune
+    from .tune import default_grid, pick_validation, tune
 
     return tune(pick_validation(spec.samples, spec.n_images, spec.seed),
                 lambda im, pr, names, cfg: saliency_maps(adapter, im, pr, cfg, keys=names),
-                m2ib, spec.post, out, depth=adapter.depth, progress=progress)
+                m2ib, spec.post, out, grid=default_grid(adapter.depth, published=spec.published),
+                progress=progress)
 
 
 def write_maps(samples: list[Sample], out_dir: str | Path, saliency_fn: SaliencyFn, *,

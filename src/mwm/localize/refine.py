@@ -59,16 +59,24 @@ class SamRefiner:
 
     @classmethod
     def from_pretrained(cls, name: str = DEFAULT_SAM, device: str = "cpu") -> "SamRefiner":
-        """Load a SAM / MedSAM checkpoint (hub id or local folder), offline-safe."""
+        """Load a SAM / MedSAM checkpoint (hub id or local folder), offline-safe.
+
+        A folder must hold a transformers ``SamModel`` (``config.json``, the weights and
+        ``preprocessor_config.json``); a hub id needs the network or the Hugging Face cache
+        (a missing one is reported at once when the hub does not answer)."""
         from transformers import SamModel, SamProcessor
 
-        from .hub import model_unavailable
+        from .hub import SAM_HINT, hub_guard, load_error
 
-        try:
-            model = SamModel.from_pretrained(name)
-            processor = SamProcessor.from_pretrained(name)
-        except OSError as err:
-            raise model_unavailable(name, err) from err
+        path = Path(name).expanduser()
+        if name.startswith(("/", "./", "../", "~")) and not path.is_dir():
+            raise DataError(f"SAM model folder {path} not found; {SAM_HINT}.")
+        with hub_guard():
+            try:
+                model = SamModel.from_pretrained(name)
+                processor = SamProcessor.from_pretrained(name)
+            except (OSError, ValueError) as err:
+                raise load_error(name, err, hint=SAM_HINT) from err
         return cls(model, processor, device)
 
     def refine(self, image_rgb: np.ndarray, coarse: np.ndarray, top_k: int | None = None) -> np.ndarray:
@@ -96,12 +104,21 @@ class SamRefiner:
 def refine_folder(images_dir: str | Path, masks_dir: str | Path, out_dir: str | Path,
                   refiner: SamRefiner, *, top_k: int | None = None,
                   progress: bool = True) -> dict:
-    """Refine every coarse mask in ``masks_dir`` with its image (paired by name)."""
+    """Refine every coarse mask in ``masks_dir`` with its image (paired by name).
+
+    When ``mwm postprocess`` wrote ``masks_dir``, only the masks its manifest lists are read
+    (:func:`~mwm.runlog.stage_outputs`). Returns counts, ``failures`` and ``outputs`` (the
+    names written, for the next stage)."""
+    from ..runlog import stage_outputs
+
     images = {ref.name: ref for ref in find_images(images_dir)}
     coarse_refs = find_images(masks_dir)
+    listed = stage_outputs(masks_dir, ("postprocess",))
+    if listed is not None:
+        coarse_refs = [ref for ref in coarse_refs if ref.path.name in listed]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    failures, written = [], 0
+    failures, written = [], []
     for ref in progress_bar(coarse_refs, total=len(coarse_refs), desc="refine", unit="img",
                             enabled=progress):
         try:
@@ -111,9 +128,10 @@ def refine_folder(images_dir: str | Path, masks_dir: str | Path, out_dir: str | 
             rgb = image_to_rgb8(image)
             coarse = read_mask(ref, shape=image.shape)
             refined = refiner.refine(rgb, coarse, top_k)
-            write_png(safe_child(out_dir, f"{ref.name}.png"), refined.astype(np.uint8) * 255)
-            written += 1
+            target = safe_child(out_dir, f"{ref.name}.png")
+            write_png(target, refined.astype(np.uint8) * 255)
+            written.append(target.name)
         except DataError as err:
             failures.append({"name": ref.name, "file": str(ref.path), "reason": str(err)})
-    return {"n_masks": len(coarse_refs), "n_written": written, "n_failed": len(failures),
-            "failures": failures}
+    return {"n_masks": len(coarse_refs), "n_written": len(written), "n_failed": len(failures),
+            "failures": failures, "outputs": written}

@@ -1,6 +1,7 @@
 """``mwm localize --tune``: grid search of M2IB parameters on validation masks.
 
-Each combination of ``beta`` x ``layer`` x ``noise_scale`` computes saliency maps for
+Each combination of ``beta`` x ``layer`` x ``noise_scale`` x ``standardize`` (with the
+published formula: ``beta`` x ``layer``) computes saliency maps for
 the same validation images, applies **the same postprocessing the run will use**, and
 is scored by the mean DSC against the validation masks. The table and the best
 parameters are written; the run then uses the best ones.
@@ -28,8 +29,8 @@ from ..progress import progress as progress_bar
 from .crf import model_input_to_rgb8
 from .postprocess import PostprocessConfig
 
-def default_grid(depth: int) -> dict[str, tuple]:
-    """beta x layer x noise_scale.
+def default_grid(depth: int, published: bool = False) -> dict[str, tuple]:
+    """beta x layer x noise_scale x standardize (``published``: beta x layer).
 
     Layers: 7, 8, 9 for a 12-block ViT (depth-5 .. depth-3, the published search). A
     shallow model (fewer than 6 blocks, such as the scratch presets of ``mwm clip train``)
@@ -37,7 +38,11 @@ def default_grid(depth: int) -> dict[str, tuple]:
     the last block's output reaches the embedding token by token, so its map keeps every
     token that carries the prompt (measured in ``benchmarks/results/localization.md``).
     Their averaged map is a third candidate: for the phantom CLIP, block D-2 found the
-    small lesions and block D-1 the large ones.
+    small lesions and block D-1 the large ones. ``standardize`` on (MWM's default) is
+    tried before off (the published formula), so a tie keeps MWM's default.
+
+    ``published``: the published search's distinct points (its variance parameter has no
+    effect), with the published formula (raw activations, noise scale 1) kept.
     """
     if depth >= 6:
         layers = tuple(sorted({depth - k for k in (5, 4, 3)}))
@@ -45,7 +50,10 @@ def default_grid(depth: int) -> dict[str, tuple]:
         layers = tuple(sorted({max(0, depth - 2), depth - 1}))
         if len(layers) == 2:
             layers = layers + (layers,)
-    return {"beta": (0.1, 1.0, 2.0), "layer": layers, "noise_scale": (0.5, 1.0, 2.0)}
+    grid = {"beta": (0.1, 1.0, 2.0), "layer": layers}
+    if not published:
+        grid.update(noise_scale=(0.5, 1.0, 2.0), standardize=(True, False))
+    return grid
 
 
 def pick_validation(samples: list[Sample], n_images: int, seed: int = 0) -> list[Sample]:

@@ -115,6 +115,10 @@ class VLMAdapter:
         if len(self.mean) != 3 or len(self.std) != 3:
             raise DataError(f"{name}: mean/std must have 3 values, got {self.mean}, {self.std}")
         self._text_cache: dict[str, Tensor] = {}
+        # M2IB settings the model's folder recommends (``m2ib_recommended.json``; set by
+        # ``load_vlm``), used for the settings a run leaves out
+        self.m2ib_recommendation: dict = {}
+        self.m2ib_recommendation_file: str | None = None
         self.freeze()
 
     # ----- construction from built models

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ...errors import DataError
-from ..hub import DEFAULT_VLM
+from ..hub import DEFAULT_VLM, RECOMMENDED_M2IB, hub_guard, read_recommended_m2ib
 from .base import VLM_BACKENDS, Resolved, VLMAdapter
 from .open_clip_backend import LOCAL_DIR_PREFIX
 
@@ -29,8 +29,12 @@ def load_vlm(name: str = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
              trust_remote_code: bool = False, backend: str = AUTO) -> VLMAdapter:
     """Load a CLIP-style model by name or folder (see :mod:`mwm.localize.vlm` for names).
 
+    A model folder's ``m2ib_recommended.json`` becomes ``adapter.m2ib_recommendation``
+    (the M2IB settings a run leaves out; :meth:`~mwm.localize.m2ib.M2IBConfig.for_model`).
+
     Raises :class:`~mwm.errors.ModelUnavailableError` (a :class:`DataError`) when the
-    weights are not in the local cache and the hub cannot be reached, and
+    weights are not in the local cache and the hub cannot be reached (at once when the
+    hub does not answer: :func:`~mwm.localize.hub.hub_guard`), and
     :class:`DataError` for a model that needs remote code without
     ``trust_remote_code=True`` or is not supported.
     """
@@ -40,7 +44,14 @@ def load_vlm(name: str = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
         raise DataError(f"model name must be a non-empty string, got {name!r}")
     name = name.strip()
     resolved = resolve(name, backend)
-    adapter = VLM_BACKENDS.get(resolved.backend).load(resolved, name, trust_remote_code)
+    folder = Path(resolved.ident).expanduser()
+    is_folder = resolved.kind in ("dir", "id") and folder.is_dir()  # not a hub name
+    recommended = read_recommended_m2ib(folder) if is_folder else {}
+    with hub_guard():
+        adapter = VLM_BACKENDS.get(resolved.backend).load(resolved, name, trust_remote_code)
+    if recommended:
+        adapter.m2ib_recommendation = recommended
+        adapter.m2ib_recommendation_file = str(folder / RECOMMENDED_M2IB)
     return adapter.to(device)
 
 
