@@ -82,9 +82,10 @@ def warn_if_busy(what: str) -> bool:
     if load is None or load < BUSY_LOAD_SHARE * cores:
         return False
     print(f"{what}: warning: the 1-minute load average is {load:.2f} on {cores} usable core(s): "
-          "other processes are busy, and training steps can be several times slower beside "
-          "them (on 2 cores a 2-thread step took 3x as long beside one busy process). Run "
-          "alone for timings, or give each concurrent job --threads 1.", file=sys.stderr)
+          "other processes are (or were, within the last minute) busy, and training steps "
+          "can be several times slower beside them (on 2 cores a 2-thread step took 3x as "
+          "long beside one busy process). Run alone for timings, or give each concurrent "
+          "job --threads 1.", file=sys.stderr)
     return True
 
 

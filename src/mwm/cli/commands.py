@@ -376,7 +376,8 @@ COMMANDS = (
             "captions, prompts, COCO instances, splits)", "mwm.data.phantoms:PhantomConfig",
             run_phantoms),
     Command("demo", "run the pipeline on synthetic phantoms, offline: phantoms, CLIP, "
-            "localization, random vs region-aware pretraining, probes, report",
+            "localization, random vs region-aware pretraining, probes, report (about 10 "
+            "minutes on 2 idle CPU cores; --quick about a minute)",
             "mwm.demo:DemoConfig", run_demo),
     Command("inspect", "check a dataset: read every image (and mask and prompt), report sizes, "
             "value ranges and every problem with its file", "mwm.data.inspect:InspectConfig",
