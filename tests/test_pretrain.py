@@ -142,3 +142,19 @@ def test_ddp_two_cpu_processes_agree(phantoms, tmp_path):
     manifest = json.loads((tmp_path / "run_manifest.json").read_text())
     assert manifest["results"]["ranks_agree"] is True
     assert manifest["results"]["steps"] == n_train(phantoms) // 4
+
+
+def test_ddp_mae_with_uneven_visible_counts_agrees(phantoms, tmp_path):
+    """Region masks give each rank (and image) its own visible count, so the ranks' token
+    sequences differ in length; DDP (no find_unused_parameters) must still finish and
+    keep the ranks' ViT weights equal."""
+    result = torchrun_mwm("pretrain", phantoms, "--out", tmp_path, "--regions",
+                          phantoms / "masks", "--masking", "region",
+                          "--model", "vit_tiny_patch16_224", "--patch-size", "8",
+                          "--input-size", "64", "--batch-size", "2", "--epochs", "1",
+                          "--workers", "0", "--amp", "none", "--no-channels-last", "--quiet",
+                          "--device", "cpu", "--decoder-width", "32", "--decoder-depth", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "run_manifest.json").read_text())
+    assert manifest["results"]["ranks_agree"] is True
+    assert manifest["results"]["steps"] == n_train(phantoms) // 4

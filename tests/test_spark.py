@@ -23,7 +23,7 @@ def test_forward_outputs(r10):
     x = torch.randn(3, 3, 64, 64)
     active = _mask(3, r10.grid())
     out = r10(x, active)
-    assert r10.patch_size == 32 and r10.grid() == (2, 2)
+    assert r10.patch_size == r10.mask_patch == 32 and r10.grid() == (2, 2)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert out.reconstruction_b3hw.shape == x.shape == out.masked_input_b3hw.shape
     px = upsample_cells(active[:, 0], 32).unsqueeze(1).expand_as(x)

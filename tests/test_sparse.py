@@ -194,3 +194,22 @@ def test_context_rejects_bad_masks():
     with pytest.raises(ValueError, match="B, 1, gh, gw"):
         with ctx.active(torch.ones(2, 3, 3, dtype=torch.bool)):
             pass
+
+
+def test_mask_at_coarser_finer_and_other_resolutions():
+    """Finer maps repeat each cell; coarser ones by an integer factor are visible where any
+    sub-cell is (the fine-mask rule); other sizes stay nearest-neighbour."""
+    ctx = SparseContext()
+    active = torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]],
+                          dtype=torch.bool).view(1, 1, 4, 4)
+    with ctx.active(active):
+        assert ctx.mask_bool(4, 4) is active
+        assert torch.equal(ctx.mask_bool(8, 8), upsample_cells(active[:, 0], 2).unsqueeze(1))
+        coarse = torch.tensor([[True, False], [False, True]]).view(1, 1, 2, 2)
+        assert torch.equal(ctx.mask_bool(2, 2), coarse)
+        assert ctx.mask_bool(1, 1).item()                       # one visible cell is enough
+        rows = torch.tensor([[1, 0, 0, 0], [0, 0, 0, 1]], dtype=torch.bool)  # pairs of rows pooled
+        assert torch.equal(ctx.mask_bool(2, 8)[0, 0], rows.repeat_interleave(2, dim=1))  # columns repeated
+        nearest = nn.functional.interpolate(active.to(torch.uint8), size=(3, 3), mode="nearest") > 0
+        assert torch.equal(ctx.mask_bool(3, 3), nearest)
+        assert torch.equal(ctx.count(2, 2), torch.tensor([2.0]))

@@ -392,8 +392,8 @@ COMMANDS = (
             "mwm.localize.postprocess:PostprocessRun", run_postprocess),
     Command("refine", "refine coarse region masks with SAM box prompts (one box per component)",
             "mwm.localize.refine:RefineConfig", run_refine),
-    Command("pretrain", "SparK-style sparse masked pretraining of a timm CNN, masking the "
-            "text-localized region heavily and the background lightly",
+    Command("pretrain", "region-aware masked pretraining of a timm encoder (SparK for CNNs, "
+            "MAE for ViTs), masking the text-localized region heavily and the background lightly",
             "mwm.pretrain.config:PretrainConfig",
             run_pretrain),
     Command("finetune", "fine-tune or linear-probe a classifier from a pretrained encoder (or "

@@ -9,7 +9,9 @@
 * :mod:`.detect` with :mod:`.coco` — detection / instance segmentation (Mask R-CNN), task
   ``detect``;
 * :mod:`.weights` — reading every kind of encoder weights, strict loading;
-* :mod:`.convert` — encoder weights in timm / torchvision / Detectron2 key spaces.
+* :mod:`.convert` — encoder weights in timm / torchvision / Detectron2 key spaces;
+* :mod:`.vit` — Vision Transformers: MAE layer ids, position embeddings resampled to
+  another input size, the simple feature pyramid for detection.
 
 Importing the package registers its tasks.
 """

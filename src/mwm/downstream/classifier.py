@@ -32,11 +32,13 @@ from ..pretrain.data import Augment, SeededImages, crop_box, pixel_stats, resize
 from ..utils import AMP_CHOICES, resolve_amp
 from .classify_metrics import (classification_metrics, write_confusion_csv,
                                write_confusion_png)
-from .weights import BEST, FINETUNE_FORMAT, LAST, load_weights, read_weights
+from .vit import check_grid, is_vit, is_vit_model, patch_size_of
+from .weights import BEST, FINETUNE_FORMAT, FINETUNE_META, LAST, load_weights, read_weights
 
 __all__ = ["FinetuneConfig", "Finetuner", "ClassifyDataset", "build_classifier", "split_samples"]
 
 MODES = ("finetune", "linear")
+VIT_POOLS = ("avg", "token")
 REPORTED = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
 METRICS_FIELDS = ("epoch", "step", "train_loss", "lr", *REPORTED, "seconds")
 SELECT = "balanced_accuracy"
@@ -58,6 +60,11 @@ class FinetuneConfig:
     mode: str = opt("finetune", "finetune (all weights) or linear (frozen encoder, logistic "
                     "regression on its features)", choices=MODES)
     input_size: int = opt(DEFAULT_INPUT_SIZE, "pixels (images are resized to it)", low=8)
+    patch_size: int | None = opt(None, "ViT patch size (default: the weights', else the "
+                                 "architecture's); CNNs ignore it", low=1)
+    vit_pool: str | None = opt(None, "ViT features for the head: avg (mean of the patch tokens "
+                               "after the final norm; the default) or token (the CLS token); "
+                               "CNNs ignore it", choices=VIT_POOLS)
     epochs: int = opt(50, "epochs", low=1)
     batch_size: int = opt(32, "images per step and process", low=1)
     lr: float | None = opt(None, "peak lr, used as given (default: base-lr x batch / 256)",
@@ -152,11 +159,29 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int, weights_meta: dict) 
     import timm
 
     arch = cfg.model or weights_meta.get("arch") or DEFAULT_ENCODER
+    kwargs = vit_kwargs(cfg, weights_meta) if is_vit(arch) else {}
     try:
-        model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
     except RuntimeError as err:
         raise DataError(f"--model {arch}: cannot create the timm model ({err}).") from err
+    if kwargs:
+        check_grid(model, cfg.input_size)
     return model, arch
+
+
+def vit_kwargs(cfg: FinetuneConfig, weights_meta: dict) -> dict:
+    """timm arguments of a ViT classifier: the fine-tune input size, the weights' patch
+    size (or ``cfg.patch_size``, else the architecture's) and the pooling (a fine-tune
+    checkpoint's own, else ``cfg.vit_pool``, default avg). ``fc_norm=False`` keeps the
+    final ``norm`` (and so the exported keys) with avg pooling too."""
+    saved = weights_meta.get("patch_size")
+    if cfg.patch_size and saved and int(saved) != cfg.patch_size:
+        raise DataError(f"--patch-size {cfg.patch_size}: the weights ({cfg.weights}) were made "
+                        f"with patch size {saved}; pass --patch-size {saved} or leave it out.")
+    patch = cfg.patch_size or saved
+    pool = weights_meta.get("global_pool") or cfg.vit_pool or VIT_POOLS[0]
+    return {"img_size": cfg.input_size, "global_pool": pool, "fc_norm": False,
+            **({"patch_size": int(patch)} if patch else {})}
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -189,6 +214,8 @@ class Finetuner:
         self.checkpoint = self._resumed_checkpoint()
         state, meta, kind, source = self._starting_weights()
         self.model, self.arch = build_classifier(cfg, len(self.classes), meta)
+        self.vit = ({"patch_size": patch_size_of(self.model), "global_pool": self.model.global_pool}
+                    if is_vit_model(self.model) else {})
         if (kind in ("resume", "mwm-finetune") and meta.get("arch")
                 and cfg.model and cfg.model != meta["arch"]):
             raise DataError(f"{source}: made for {meta['arch']!r}, not --model {cfg.model!r}.")
@@ -227,7 +254,7 @@ class Finetuner:
         cfg = self.cfg
         state, meta, kind, source = None, {}, "scratch", None
         if self.checkpoint is not None:
-            meta = {k: self.checkpoint.get(k) for k in ("arch", "mean", "std", "input_size", "classes")}
+            meta = {k: self.checkpoint.get(k) for k in FINETUNE_META}
             kind, source = "resume", str(cfg.resume)
         elif cfg.eval_only:
             source = cfg.weights or (self.out / BEST)
@@ -308,7 +335,7 @@ class Finetuner:
                 "classes": self.classes, "mean": self.mean, "std": self.std,
                 "input_size": self.cfg.input_size, "config": self.cfg.to_dict(),
                 "mode": self.cfg.mode, "step": self.step, "epoch": self.epoch,
-                "best": self.best, **(extra or {})}
+                "best": self.best, **self.vit, **(extra or {})}
 
     def _write_confusion(self, stem: str, metrics: dict, title: str) -> None:
         write_confusion_csv(self.out / f"{stem}.csv", metrics["confusion_matrix"], self.classes)
@@ -354,6 +381,7 @@ class Finetuner:
             "seconds": time.perf_counter() - self.t0,
             "world_size": self.dist.world,
             "config": cfg.to_dict(),
+            **({"vit": self.vit} if self.vit else {}),
             **extra,
         }
         if self.dist.main:

@@ -36,6 +36,13 @@ classes, whose head is kept. Files are read with ``weights_only=True`` or safete
   encoder's pooled features, folded into the timm classifier; ``lr``/``optimizer``/
   mixup/EMA do not apply.
 
+**ViTs** (timm ``vit_*``): built at ``img_size=input_size`` with the weights' patch size
+(``patch_size`` overrides; it must agree), the weights' ``pos_embed`` resampled to the
+model's patch grid (timm's ``resample_abs_pos_embed``) before the strict load; layer ids
+as in MAE (embeddings 0, block i i + 1, final norm and head ``depth + 1``, lr ×
+``layer_decay ** (depth + 1 - id)``); features for the head and the probe are the mean
+of the normed patch tokens (``vit_pool="avg"``, default) or the class token (``token``).
+
 **Evaluation and outputs** (in ``out``): after every epoch, accuracy, balanced
 accuracy, macro-F1, one-vs-rest AUROC (:mod:`~mwm.downstream.classify_metrics`), a row
 in ``metrics.csv``, ``confusion_last.{csv,png}``; the **best** epoch is chosen by

@@ -19,7 +19,10 @@ detection code bases:
 Deep-stem / average-pool-shortcut variants (``resnet10t``, ``resnet*d``, ``*t``,
 ``*s``) have a three-convolution stem and ``downsample.1/2``: neither torchvision nor
 Detectron2's standard ``ResNet`` has those layers, and the conversion refuses them with a
-:class:`~mwm.data.io.DataError` instead of silently dropping weights.
+:class:`~mwm.data.io.DataError` instead of silently dropping weights. Vision
+Transformers have no torchvision or Detectron2 ResNet counterpart at all: those two
+formats refuse them (``DataError`` naming the arch and ``timm``); the ``timm`` format
+writes them with their metadata (``input_size``, ``patch_size``, ...).
 
 Sources accepted by :func:`load_timm_state` / :func:`export_weights`: an MWM encoder
 export (``.safetensors``, with metadata), an MWM pretraining checkpoint
@@ -46,6 +49,7 @@ from ..config import opt
 from ..errors import DataError
 from ..files import atomic_path
 from ..pretrain.export import key_problems
+from .vit import is_vit, looks_like_vit
 
 __all__ = [
     "FORMATS", "TORCHVISION_ARCHS", "torchvision_arch", "check_plain_resnet", "unwrap_state",
@@ -84,7 +88,8 @@ def unwrap_state(obj: Any) -> dict[str, torch.Tensor]:
 
     Handles an MWM pretraining checkpoint (``{"model": SparKModel state}``: the
     ``encoder.model.`` weights), and the SparK wrappers ``state_dict`` / ``state`` /
-    ``module`` / ``model`` with ``module.`` / ``module.encoder_q.`` prefixes.
+    ``module`` / ``model`` with ``module.`` / ``module.encoder_q.`` prefixes; an MAE
+    checkpoint's ViT sits under ``encoder.``.
     """
     state = obj
     for _ in range(3):
@@ -102,10 +107,13 @@ def unwrap_state(obj: Any) -> dict[str, torch.Tensor]:
         raise DataError("no state dict found (expected tensors, or a dict holding them under "
                         "'model', 'state_dict', 'state' or 'module').")
     tensors = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    for prefix in ("encoder.model.", "module.encoder_q.", "encoder_q.", "module."):
+    for prefix in ("encoder.model.", "module.encoder_q.", "encoder_q.", "module.", "encoder."):
         picked = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if picked and (prefix != "encoder.model." or "conv1.weight" in picked
-                       or "conv1.0.weight" in picked):
+        if prefix == "encoder.model.":
+            fits = "conv1.weight" in picked or "conv1.0.weight" in picked
+        else:  # an MAE checkpoint's ViT sits under "encoder."
+            fits = prefix != "encoder." or looks_like_vit(picked)
+        if picked and fits:
             tensors = picked
             break
     return tensors
@@ -140,9 +148,12 @@ def load_timm_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         for key in ("arch", "mean", "std", "input_size"):
             if key in obj and obj[key] is not None:
                 meta[key] = obj[key]
-        if "arch" not in meta and isinstance(obj.get("config"), Mapping):
-            if obj["config"].get("model"):
-                meta["arch"] = obj["config"]["model"]
+        config = obj.get("config")
+        if "arch" not in meta and isinstance(config, Mapping):
+            if config.get("model"):
+                meta["arch"] = config["model"]
+        if isinstance(config, Mapping) and config.get("patch_size"):
+            meta["patch_size"] = config["patch_size"]  # a ViT's (MAE checkpoint)
     try:
         state = unwrap_state(obj)
     except DataError as err:
@@ -302,7 +313,9 @@ def export_weights(src_path: str | os.PathLike, out_path: str | os.PathLike,
     format, metadata kept); ``torchvision`` — safetensors in torchvision ResNet key space
     (load with ``resnet.load_state_dict(sd, strict=False)`` (only ``fc`` missing) or
     :func:`load_into_backbone`); ``detectron2`` — a ``.pkl`` for ``MODEL.WEIGHTS``.
-    Returns a summary (format, arch, path, number of tensors).
+    Returns a summary (format, arch, path, number of tensors). A ViT (by ``arch`` or by
+    its keys) is refused by ``torchvision`` and ``detectron2``, naming ``timm``, which
+    holds it.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -310,6 +323,14 @@ def export_weights(src_path: str | os.PathLike, out_path: str | os.PathLike,
     arch = arch or meta.get("arch")
     if arch:
         meta["arch"] = arch
+    if fmt != "timm" and (is_vit(arch) or looks_like_vit(state)):
+        raise DataError(
+            f"{src_path}: {arch or 'the encoder'} is a Vision Transformer; the {fmt} format "
+            f"holds {'torchvision' if fmt == 'torchvision' else 'Detectron2'} ResNet key names "
+            "and cannot hold it. Use --format timm (safetensors in timm key space, metadata "
+            "kept; loads with timm.create_model(arch, num_classes=0, img_size=..., "
+            "patch_size=..., pretrained_cfg_overlay=dict(file=...)) and in mwm finetune / "
+            "mwm detect).")
     out_path = Path(out_path)
     extra = {k: v for k, v in meta.items()
              if k not in ("format", "arch", "mwm_version", "timm_version")}

@@ -1,4 +1,4 @@
-"""Detection / instance segmentation: torchvision Mask R-CNN over a pretrained ResNet.
+"""Detection / instance segmentation: torchvision Mask R-CNN over a pretrained ResNet or ViT.
 
 The reference fine-tunes Mask R-CNN R-50-FPN in Detectron2; MWM uses torchvision's
 ``MaskRCNN`` (no Detectron2 install needed) with the same optimization recipe:
@@ -6,7 +6,11 @@ The reference fine-tunes Mask R-CNN R-50-FPN in Detectron2; MWM uses torchvision
 * **Backbone**: ``resnet_fpn_backbone(arch, weights=None, trainable_layers=5)`` — every
   stage trains (Detectron2 ``FREEZE_AT 0``). The pretrained timm ResNet is loaded into
   ``backbone.body`` through :mod:`mwm.downstream.convert`, strictly: a missing, left-over
-  or mis-shaped weight is a :class:`~mwm.data.io.DataError` naming the keys.
+  or mis-shaped weight is a :class:`~mwm.data.io.DataError` naming the keys. A timm ViT
+  instead gets ViTDet's simple feature pyramid (:class:`~mwm.downstream.vit.ViTBackbone`:
+  the stride-P token map resampled to strides 4-32 plus ``pool``, the same interface),
+  loaded as strictly (``pos_embed`` resampled to another input size), its blocks decayed
+  by ``stage_lr_decay ** (depth + 1 - layer id)``; ``norm`` does not apply to it.
 * **Normalization** (``norm``): ``"frozen"`` (default) = ``FrozenBatchNorm2d`` keeping the
   pretrained BN statistics and affine parameters fixed; ``"bn"`` = trainable
   ``BatchNorm2d``. The reference uses SyncBN over 8 GPUs (16 images per BN batch); with
@@ -68,6 +72,8 @@ from ..utils import AMP_CHOICES
 from . import convert
 from .tasks import EvalTask, register_task
 from .coco import METRIC_NAMES, CocoInstances, _collate, evaluate, predict, write_figures
+from .vit import ViTBackbone, is_vit, layer_id as vit_layer_id
+from .weights import load_weights
 
 __all__ = ["DetectConfig", "detect", "build_model", "CocoInstances", "evaluate",
            "stage_groups", "train_step", "STAGE_LR_EXPONENTS", "METRIC_NAMES",
@@ -93,8 +99,8 @@ class DetectConfig:
     out: str = opt(help="the run folder")
     weights: str | None = opt(None, "MWM encoder.safetensors, pretrain checkpoint or timm .pth "
                               "(none: random init)")
-    model: str | None = opt(None, f"ResNet architecture (default: from the weights, else "
-                            f"{DEFAULT_ENCODER})")
+    model: str | None = opt(None, f"ResNet or timm ViT architecture (default: from the "
+                            f"weights, else {DEFAULT_ENCODER})")
     input_size: int = opt(256, "pixels: images are resized so that min = max size = this",
                           low=32)
     epochs: int = opt(12, "epochs", low=1)
@@ -156,23 +162,22 @@ def build_model(arch: str, num_classes: int, *,
                 rpn_batch_size: int = default_of(DetectConfig, "rpn_batch_size"),
                 roi_batch_size: int = default_of(DetectConfig, "roi_batch_size"),
                 score_thresh: float = default_of(DetectConfig, "score_thresh"),
-                weights: dict[str, torch.Tensor] | None = None, source: str = "the weights"):
-    """A torchvision ``MaskRCNN`` with a ResNet-FPN backbone (all stages trainable).
+                weights: dict[str, torch.Tensor] | None = None, source: str = "the weights",
+                patch_size: int | None = None):
+    """A torchvision ``MaskRCNN`` with a ResNet-FPN or a ViT simple-pyramid backbone (all
+    stages trainable).
 
-    ``weights``: a timm ResNet state dict loaded strictly into ``backbone.body``.
+    ``weights``: a timm state dict loaded strictly into ``backbone.body``;
+    ``patch_size``: a ViT's (default: the architecture's).
     """
     from torchvision.models.detection import MaskRCNN
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-    from torchvision.ops import FrozenBatchNorm2d
 
     if norm not in ("frozen", "bn"):
         raise ValueError(f"norm must be 'frozen' or 'bn', got {norm!r}")
-    tv_arch = convert.torchvision_arch(arch)
-    norm_layer = FrozenBatchNorm2d if norm == "frozen" else torch.nn.BatchNorm2d
-    backbone = resnet_fpn_backbone(backbone_name=tv_arch, weights=None, trainable_layers=5,
-                                   norm_layer=norm_layer)
-    if weights is not None:
-        convert.load_into_backbone(backbone.body, weights, source=source)
+    if is_vit(arch):
+        backbone = vit_backbone(arch, input_size, patch_size, weights, source)
+    else:
+        backbone = resnet_backbone(arch, norm, weights, source)
     sizes = tuple(int(s) for s in (multiscale or ())) + (int(input_size),)
     model = MaskRCNN(backbone, num_classes=num_classes, min_size=sizes,
                      max_size=max(sizes), image_mean=list(mean or IMAGENET_MEAN),
@@ -182,16 +187,61 @@ def build_model(arch: str, num_classes: int, *,
     return model
 
 
+def resnet_backbone(arch: str, norm: str, weights: dict | None, source: str):
+    """torchvision's ResNet-FPN, the timm ResNet ``weights`` loaded into its ``body``."""
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops import FrozenBatchNorm2d
+
+    tv_arch = convert.torchvision_arch(arch)
+    norm_layer = FrozenBatchNorm2d if norm == "frozen" else torch.nn.BatchNorm2d
+    backbone = resnet_fpn_backbone(backbone_name=tv_arch, weights=None, trainable_layers=5,
+                                   norm_layer=norm_layer)
+    if weights is not None:
+        convert.load_into_backbone(backbone.body, weights, source=source)
+    return backbone
+
+
+def vit_backbone(arch: str, input_size: int, patch_size: int | None, weights: dict | None,
+                 source: str) -> ViTBackbone:
+    """A timm ViT (no head, ``dynamic_img_size``: any padded batch size and ``multiscale``
+    work) under the simple feature pyramid, ``weights`` loaded strictly (only a head may be
+    left over; ``pos_embed`` resampled to the grid of ``input_size`` padded to 32 px, the
+    batch size the model's transform makes)."""
+    import timm
+
+    kwargs = {"patch_size": int(patch_size)} if patch_size else {}
+    try:
+        body = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True,
+                                 img_size=math.ceil(input_size / 32) * 32, **kwargs)
+    except RuntimeError as err:
+        raise DataError(f"--model {arch}: cannot create the timm model ({err}).") from err
+    backbone = ViTBackbone(body)
+    if weights is not None:
+        load_weights(body, weights, source=source, meta={})
+    return backbone
+
+
+BODY = "backbone.body."
+
+
 def _stage_of(name: str) -> str | None:
-    if name.startswith("backbone.body."):
+    if name.startswith(BODY):
         return name.split(".")[2]
     return None
 
 
 def stage_groups(model, decay: float, weight_decay: float) -> list[dict]:
     """Optimizer groups with stage-wise lr ``× decay ** STAGE_LR_EXPONENTS[stage]`` (layer id
-    = the exponent; FPN and heads 0) and weight decay on every parameter (as the reference)."""
+    = the exponent; FPN and heads 0) and weight decay on every parameter (as the reference).
+    A ViT's exponent is ``depth + 1 - layer id`` (MAE's / ViTDet's ids: embeddings
+    ``depth + 1``, block i ``depth - i``, the final norm 0)."""
+    backbone = getattr(model, "backbone", None)
+    depth = len(backbone.body.blocks) if isinstance(backbone, ViTBackbone) else None
+
     def exponent(name: str) -> int:
+        if depth is not None:
+            body = name.startswith(BODY)
+            return depth + 1 - vit_layer_id(name[len(BODY):], depth) if body else 0
         stage = _stage_of(name)
         return STAGE_LR_EXPONENTS.get(stage, 0) if stage else 0
 
@@ -264,16 +314,23 @@ def _model_for(cfg: DetectConfig, num_classes: int, checkpoint: dict | None):
     elif checkpoint is not None:
         meta = checkpoint.get("weights_meta", {})
     arch = cfg.model or meta.get("arch") or DEFAULT_ENCODER
-    if (cfg.model and meta.get("arch")
-            and convert.torchvision_arch(meta["arch"]) != convert.torchvision_arch(cfg.model)):
+    if cfg.model and meta.get("arch") and not _same_arch(meta["arch"], cfg.model):
         raise DataError(f"{cfg.weights}: the weights were pretrained as {meta['arch']!r}, "
                         f"not --model {cfg.model!r}.")
     model = build_model(arch, num_classes, input_size=cfg.input_size, multiscale=cfg.multiscale,
                         norm=cfg.norm, mean=meta.get("mean") or IMAGENET_MEAN,
                         std=meta.get("std") or IMAGENET_STD, rpn_batch_size=cfg.rpn_batch_size,
                         roi_batch_size=cfg.roi_batch_size, score_thresh=cfg.score_thresh,
-                        weights=weights, source=str(cfg.weights))
+                        weights=weights, source=str(cfg.weights),
+                        patch_size=meta.get("patch_size"))
     return model, arch, meta
+
+
+def _same_arch(saved: str, given: str) -> bool:
+    """Whether weights pretrained as ``saved`` fit ``--model given`` (timm tags aside)."""
+    if is_vit(saved) or is_vit(given):
+        return saved.split(".")[0] == given.split(".")[0]
+    return convert.torchvision_arch(saved) == convert.torchvision_arch(given)
 
 
 class _DetectRun(EngineCounters):

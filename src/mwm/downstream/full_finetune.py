@@ -23,6 +23,7 @@ from ..engine import (SPARK_FLOOR, SPARK_WARMUP_START, Engine, Schedule, average
 from ..errors import DataError
 from ..progress import progress as progress_bar
 from .classifier import LAST, Finetuner, _cpu_state
+from .vit import is_vit_model, layer_ids as vit_layer_ids
 
 FALLBACK_GROUPS = 6
 
@@ -30,7 +31,14 @@ FALLBACK_GROUPS = 6
 # --------------------------------------------------------------------------- optimizer
 
 def layer_groups(model: nn.Module) -> tuple[dict[str, int], int, str]:
-    """``(parameter name → layer id, number of layers, how)`` for layer-wise lr decay."""
+    """``(parameter name → layer id, number of layers, how)`` for layer-wise lr decay.
+
+    A ViT gets MAE's ids (:func:`mwm.downstream.vit.layer_id`: embeddings 0, block i
+    i + 1, final norm and head last) rather than timm's matcher, which puts the final
+    norm with the last block."""
+    if is_vit_model(model):
+        ids, n_layers = vit_layer_ids(model)
+        return ids, n_layers, "vit blocks (MAE)"
     names = [n for n, _ in model.named_parameters()]
     if hasattr(model, "group_matcher"):
         try:
@@ -62,9 +70,12 @@ def layer_groups(model: nn.Module) -> tuple[dict[str, int], int, str]:
 
 def finetune_optimizer(model: nn.Module, cfg) -> tuple[torch.optim.Optimizer, str]:
     """AdamW (betas 0.9/0.999) or LAMB over layer groups with ``layer_decay`` lr scales;
-    weight decay on weights, not on norms and biases. Returns (optimizer, grouping used)."""
+    weight decay on weights, not on norms and biases (nor, as MAE, on a ViT's position
+    embeddings and class token). Returns (optimizer, grouping used)."""
     ids, n_layers, how = layer_groups(model)
-    groups = param_groups(model, decays=lambda name, p: not (p.ndim <= 1 or name.endswith(".bias")),
+    exempt = set(model.no_weight_decay()) if is_vit_model(model) else set()
+    groups = param_groups(model, decays=lambda name, p: not (p.ndim <= 1 or name.endswith(".bias")
+                                                             or name in exempt),
                           weight_decay=cfg.wd, layer=ids.__getitem__,
                           layer_scale=lambda i: cfg.layer_decay ** (n_layers - 1 - i),
                           order=lambda key: key)  # by layer, no-decay first (as saved)

@@ -1,6 +1,7 @@
 """``mwm finetune --mode linear``: a logistic regression on the frozen encoder's features.
 
-The encoder is frozen (eval mode, BN statistics untouched); pooled features of the train
+The encoder is frozen (eval mode, BN statistics untouched); pooled features (a ViT's:
+mean patch token or class token, ``vit_pool``) of the train
 and eval images (no augmentation) are computed once, kept in memory, and standardized with
 the train features' mean/std. The probe (``nn.Linear``, cross-entropy + ``wd/2 * ||W||²``,
 no label smoothing) is fitted full-batch with L-BFGS (strong-Wolfe line search),

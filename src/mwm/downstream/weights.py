@@ -2,7 +2,7 @@
 
 :func:`read_weights` accepts an MWM ``encoder.safetensors``, an MWM pretrain
 ``checkpoint.pt`` or its run folder (the encoder is extracted through
-``SparKModel.encoder_state_dict()``), a timm/PyTorch state dict (``.pth``/``.pt``/
+``SparKModel.encoder_state_dict()``; a ViT's MAE checkpoint gives its ``encoder.`` keys), a timm/PyTorch state dict (``.pth``/``.pt``/
 ``.bin``/``.safetensors``, optionally nested under ``state_dict``/``model``/``module``,
 ``module.`` prefixes stripped) and an MWM fine-tune checkpoint (``best.pt``/``last.pt``).
 Files are read with ``weights_only=True`` or safetensors. :func:`load_weights` is strict
@@ -26,8 +26,12 @@ from .. import checkpoint
 from ..checkpoint import FINETUNE_FORMAT
 from ..errors import DataError
 from ..pretrain.export import key_problems
+from .vit import fit_pos_embed, is_vit
 
 LAST, BEST = "last.pt", "best.pt"
+#: What a fine-tune checkpoint records about its model (a ViT's also ``patch_size`` and
+#: ``global_pool``).
+FINETUNE_META = ("arch", "mean", "std", "input_size", "classes", "patch_size", "global_pool")
 
 
 def _unwrap(state: Any) -> dict:
@@ -71,8 +75,10 @@ def read_weights(path: str | os.PathLike) -> tuple[dict, dict, str]:
         return state, meta, "mwm-export" if meta.get("format") == EXPORT_FORMAT else "timm"
     obj = checkpoint.read(path, "--weights")
     if isinstance(obj, dict) and obj.get("format") == FINETUNE_FORMAT:
-        meta = {k: obj.get(k) for k in ("arch", "mean", "std", "input_size", "classes")}
+        meta = {k: obj.get(k) for k in FINETUNE_META}
         return obj["model"], meta, "mwm-finetune"
+    if _is_pretrain_checkpoint(obj) and is_vit(obj["config"].get("model")):
+        return _mae_encoder(obj, path), _pretrain_meta(obj), "mwm-pretrain"
     if _is_pretrain_checkpoint(obj):
         from ..pretrain.spark import SparKModel
 
@@ -85,10 +91,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict, dict, str]:
         except RuntimeError as err:
             raise DataError(f"--weights {path}: the pretrain checkpoint does not match its own "
                             f"configuration ({err}).") from err
-        meta = {"arch": obj.get("arch", config["model"]), "mean": obj.get("mean"),
-                "std": obj.get("std"), "input_size": obj.get("input_size", config["input_size"]),
-                "masking": config.get("masking")}
-        return spark.encoder_state_dict(), meta, "mwm-pretrain"
+        return spark.encoder_state_dict(), _pretrain_meta(obj), "mwm-pretrain"
     try:
         return _unwrap(obj), {}, "timm"
     except DataError as err:
@@ -96,12 +99,33 @@ def read_weights(path: str | os.PathLike) -> tuple[dict, dict, str]:
                         "a timm state dict, optionally under 'state_dict'/'model'/'module').") from None
 
 
+def _pretrain_meta(obj: dict) -> dict:
+    config = obj["config"]
+    meta = {"arch": obj.get("arch", config["model"]), "mean": obj.get("mean"),
+            "std": obj.get("std"), "input_size": obj.get("input_size", config["input_size"]),
+            "masking": config.get("masking")}
+    return {**meta, "patch_size": config["patch_size"]} if config.get("patch_size") else meta
+
+
+def _mae_encoder(obj: dict, path: Path) -> dict:
+    """The timm ViT weights of an MAE pretrain checkpoint: its ``encoder.`` keys (the
+    strict load then checks them against the model)."""
+    prefix = "encoder."
+    state = {k[len(prefix):]: v for k, v in obj["model"].items() if k.startswith(prefix)}
+    if not state:
+        raise DataError(f"--weights {path}: the pretrain checkpoint of a ViT holds no "
+                        f"'{prefix}' weights; pass its encoder.safetensors instead.")
+    return state
+
+
 def load_weights(model: nn.Module, state: dict, *, source: str = "weights",
                  keep_head: bool = False, meta: dict | None = None) -> dict:
     """Load ``state`` into ``model`` strictly on the backbone; return a key report.
 
     Head keys in ``state`` are dropped (reported as ``ignored_head_keys``) unless
-    ``keep_head`` and their shapes match. Any other missing / unexpected / mis-shaped
+    ``keep_head`` and their shapes match. A ViT's ``pos_embed`` made for another patch
+    grid is resampled (:func:`~mwm.downstream.vit.fit_pos_embed`; reported as
+    ``pos_embed``). Any other missing / unexpected / mis-shaped
     key raises :class:`DataError` naming them, and the architecture the weights were made
     for when ``meta`` (the metadata :func:`read_weights` returned; by default read again
     from the file ``source``) records another one than the model's.
@@ -113,6 +137,7 @@ def load_weights(model: nn.Module, state: dict, *, source: str = "weights",
     ignored = [k for k in state if k in head and not (keep_head and k in own
                                                       and own[k].shape == state[k].shape)]
     state = {k: v for k, v in state.items() if k not in ignored}
+    state, resampled = fit_pos_embed(model, state, source)
     parts = key_problems(own, state, may_miss=head.__contains__)
     if parts:
         arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
@@ -125,8 +150,9 @@ def load_weights(model: nn.Module, state: dict, *, source: str = "weights",
             "were made for."))
     model.load_state_dict(state, strict=False)
     head_missing = sorted(k for k in own if k in head and k not in state)
-    return {"loaded": len(state), "missing_head_keys": head_missing,
-            "ignored_head_keys": sorted(ignored)}
+    report = {"loaded": len(state), "missing_head_keys": head_missing,
+              "ignored_head_keys": sorted(ignored)}
+    return {**report, "pos_embed": resampled} if resampled else report
 
 
 def _recorded_metadata(source: str) -> dict:

@@ -1,9 +1,10 @@
-"""Sparse masked pretraining (SparK-style) of timm CNNs.
+"""Masked pretraining of timm encoders: SparK-style sparse emulation for CNNs, MAE for ViTs.
 
 * :mod:`.sparse` — sparse emulation of CNN layers, the mask passed via a context;
 * :mod:`.encoders` — timm backbones as hierarchical encoders;
 * :mod:`.decoder` — SparK's light UNet decoder;
 * :mod:`.spark` — the model: mask → encode → densify → decode → loss;
+* :mod:`.mae` — MAE for timm VisionTransformers (the encoder sees the visible tokens only);
 * :mod:`.export` — the encoder in timm's key space (safetensors) and its loader.
 
 The names below are imported lazily (``from mwm.pretrain import SparKModel``) so that
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 _LAZY = {
     "SparKModel": "spark", "SparKOutput": "spark",
+    "MAEModel": "mae", "MAEOutput": "mae",
     "SparseContext": "sparse", "sparsify": "sparse",
     "create_encoder": "encoders", "Encoder": "encoders",
     "LightDecoder": "decoder",

@@ -27,13 +27,20 @@ class PretrainConfig(MaskingParams):
     regions: str | None = opt(None, "region masks paired with the images by stem (from `mwm "
                               "postprocess`; saliency maps for soft masking); without it "
                               "masking is random", metavar="DIR")
-    model: str = opt(DEFAULT_ENCODER, "timm encoder (ResNet or ConvNeXt family, e.g. resnet18, "
-                     "resnet50, convnext_tiny)")
+    model: str = opt(DEFAULT_ENCODER, "timm encoder: a CNN (ResNet or ConvNeXt family, e.g. "
+                     "resnet18, resnet50, convnext_tiny; SparK) or a VisionTransformer (e.g. "
+                     "vit_small_patch16_224, deit_tiny_patch16_224; MAE)")
     input_size: int = opt(DEFAULT_INPUT_SIZE, "pixels, a multiple of the encoder's stride (32 "
-                          "for ResNet)",
+                          "for ResNet) or of the ViT's patch size",
                           low=8)
-    decoder_width: int | None = opt(None, "decoder channels at the smallest scale (default: "
-                                    "per encoder family)", low=8)
+    patch_size: int | None = opt(None, "ViT only: the patch size in pixels, also the mask cell "
+                                 "(default: the arch's, e.g. 16 for vit_*_patch16_*)", low=1)
+    mask_patch: int | None = opt(None, "CNN only: the mask cell size in pixels (default: the "
+                                 "encoder's stride); a ViT masks whole patches", low=1)
+    decoder_width: int | None = opt(None, "decoder channels at the smallest scale (SparK) or "
+                                    "token width (MAE) (default: per encoder family)", low=8)
+    decoder_depth: int | None = opt(None, "ViT only: MAE decoder blocks (default: 8 for "
+                                    "ViT-B and larger, else 4)", low=0)
     masking: str | None = opt(None, "masking strategy (default: region with --regions, else "
                               "random)", choices=LazyChoices(MASKINGS.names))
     epochs: int = opt(100, "epochs", low=1)

@@ -7,6 +7,10 @@
 feature of scale ``i`` (smallest first) is added to the input of block ``i``; a final
 ``Conv1x1`` maps to the 3 image channels.
 
+The decoder does not depend on the mask cell (``SparKModel(mask_patch=...)``): it
+upsamples by the encoder stride, and a finer mask reaches it through the densified
+features (mask tokens where a scale's position is masked) and the loss.
+
 Initialization as SparK's decoder: convolutions truncated-normal (std 0.02, zero bias),
 transposed convolutions Kaiming-normal, BN weight 1 / bias 0. The densify projections
 (in :class:`~mwm.pretrain.spark.SparKModel`) keep PyTorch's default convolution

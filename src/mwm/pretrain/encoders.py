@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 __all__ = ["Encoder", "ResNetEncoder", "ConvNeXtEncoder", "GenericEncoder", "create_encoder",
-           "default_drop_path", "base_arch"]
+           "default_drop_path", "base_arch", "mask_patch_choices"]
 
 SPARK_DROP_PATH = {
     "resnet50": 0.05, "resnet101": 0.08, "resnet152": 0.10, "resnet200": 0.15,
@@ -54,7 +54,7 @@ class Encoder(nn.Module):
 
     Attributes: ``arch`` (the timm name), ``family`` ('resnet' | 'convnext' | 'generic'),
     ``feature_channels``, ``feature_strides``, ``downsample_ratio`` (the largest stride,
-    the mask cell size), ``model`` (the wrapped timm module).
+    SparK's default mask cell size), ``model`` (the wrapped timm module).
     """
 
     family = "generic"
@@ -92,6 +92,17 @@ class Encoder(nn.Module):
         state = {k: v.detach().to(device="cpu").contiguous() for k, v in self.timm_state_dict().items()}
         model.load_state_dict(state, strict=True)
         return model.to(device)
+
+    def mask_patch_choices(self) -> list[int]:
+        """The mask cell sizes SparK accepts: powers of two from the first feature stride
+        (4) to ``downsample_ratio``. A cell must divide the stride (a whole number of cells
+        per deepest position); below the first feature stride no feature map would see
+        the mask exactly and a normalized target patch would have too few pixels."""
+        choices, size = [], self.downsample_ratio
+        while size >= self.feature_strides[0]:
+            choices.insert(0, size)
+            size //= 2
+        return choices
 
     def uses_batchnorm(self) -> bool:
         return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
@@ -256,9 +267,16 @@ def create_encoder(arch: str, *, drop_path_rate: float | None = None, pretrained
 
 
 def downsample_ratio(arch: str) -> int:
-    """The encoder's largest feature stride: the SparK mask cell (32 for ResNet/ConvNeXt)."""
+    """The encoder's largest feature stride: SparK's default mask cell (32 for ResNet/ConvNeXt)."""
     with torch.random.fork_rng():  # building the model must not move anyone's random stream
         return int(create_encoder(arch, drop_path_rate=0.0).downsample_ratio)
+
+
+def mask_patch_choices(arch: str) -> list[int]:
+    """The mask cell sizes ``SparKModel(arch, mask_patch=...)`` accepts (4, 8, 16, 32 for
+    ResNet/ConvNeXt): :meth:`Encoder.mask_patch_choices`, for validating settings."""
+    with torch.random.fork_rng():
+        return create_encoder(arch, drop_path_rate=0.0).mask_patch_choices()
 
 
 def fit_input_size(size: int, arch: str) -> int:

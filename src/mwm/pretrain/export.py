@@ -3,8 +3,10 @@
 The file is a ``.safetensors`` state dict of ``timm.create_model(arch, num_classes=0)``
 (no classifier head) with string metadata: ``format`` (``mwm-encoder``), ``arch``,
 ``mwm_version``, ``timm_version``, and whatever ``extra_metadata`` carries (the trainer
-writes ``input_size``, ``mean``, ``std``, ``step``, ``masking``; non-string values are
-stored as JSON and decoded by :func:`read_metadata`).
+writes ``input_size``, ``mean``, ``std``, ``step``, ``masking``, and for a ViT
+``patch_size``; non-string values are stored as JSON and decoded by :func:`read_metadata`).
+A ViT export holds the state dict of ``timm.create_model(arch, num_classes=0,
+img_size=input_size, patch_size=patch_size)``.
 
 Loading, either way:
 
@@ -15,12 +17,15 @@ Loading, either way:
   pretrained_cfg_overlay=dict(file=path))``. timm loads strictly unless ``num_classes``
   differs from the pretrained config's (1000 for ImageNet models), in which case it
   drops the head and loads non-strictly: pass ``num_classes=0`` or your class count
-  (a 1000-class head would be reported missing and fail the strict load).
+  (a 1000-class head would be reported missing and fail the strict load). For a ViT add
+  ``img_size=..., patch_size=...`` (the metadata's); timm resamples the position
+  embeddings to another ``img_size`` itself.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,7 +36,8 @@ from torch import nn
 from .. import checkpoint
 from ..errors import DataError
 
-__all__ = ["export_encoder", "is_export", "load_encoder", "read_metadata", "FORMAT"]
+__all__ = ["export_encoder", "is_export", "load_encoder", "read_metadata",
+           "fit_pos_embed", "FORMAT"]
 
 FORMAT = "mwm-encoder"
 
@@ -146,6 +152,9 @@ def load_encoder(path: str | os.PathLike, arch: str | None = None, num_classes: 
     ``arch`` defaults to the one in the file's metadata. Strict for the backbone: only the
     classifier head may be missing (it keeps timm's initialization); any other missing,
     unexpected or mis-shaped key raises :class:`~mwm.data.io.DataError` naming them.
+    A ViT export (metadata ``patch_size``) is built with its ``patch_size`` and
+    ``img_size=input_size`` unless ``timm_kwargs`` say otherwise; at another ``img_size``
+    the position embeddings are resampled (:func:`fit_pos_embed`).
     """
     import timm
 
@@ -154,11 +163,17 @@ def load_encoder(path: str | os.PathLike, arch: str | None = None, num_classes: 
     arch = arch or saved_arch
     if not arch:
         raise DataError(f"{path}: no arch in the file's metadata; pass arch=...")
+    vit = meta.get("patch_size") is not None
+    if vit:  # a ViT is built at the export's patch and (unless given) image size
+        saved = {"patch_size": meta["patch_size"], "img_size": meta.get("input_size")}
+        timm_kwargs = {**{k: v for k, v in saved.items() if v is not None}, **timm_kwargs}
     try:
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **timm_kwargs)
     except RuntimeError as err:
         raise DataError(f"{path}: cannot create timm model {arch!r} ({err}).") from err
     state = checkpoint.read_safetensors(path)
+    if vit:
+        state, _ = fit_pos_embed(model, state, str(path))
     own = model.state_dict()
     parts = key_problems(own, state, may_miss=_classifier_keys(model).__contains__)
     if parts:
@@ -168,6 +183,39 @@ def load_encoder(path: str | os.PathLike, arch: str | None = None, num_classes: 
                         + "; ".join(parts) + "." + hint)
     model.load_state_dict(state, strict=False)
     return model
+
+
+def _grid(tokens: int, what: str) -> tuple[int, int]:
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise DataError(f"{what}: pos_embed holds {tokens} patch positions, not a square grid; "
+                        "cannot resample it.")
+    return side, side
+
+
+def fit_pos_embed(model: nn.Module, state: dict, source: str = "the weights") -> tuple[dict, str | None]:
+    """``(state, note)``: ``state`` with its ``pos_embed`` resampled (timm's
+    ``resample_abs_pos_embed``) to ``model``'s patch grid when only the grid differs, and
+    a note saying so (None when nothing was done). A differing patch size or width is
+    left for the strict loader to report."""
+    from timm.layers import resample_abs_pos_embed
+
+    old = state.get("pos_embed")
+    if old is None or not hasattr(model, "patch_embed"):
+        return state, None
+    own, proj = model.state_dict(), "patch_embed.proj.weight"
+    target = own.get("pos_embed")
+    if (target is None or old.shape == target.shape or old.shape[-1] != target.shape[-1]
+            or proj not in state or state[proj].shape != own[proj].shape):
+        return state, None
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(model.num_prefix_tokens)
+    old_grid = _grid(old.shape[1] - prefix, source)
+    new_grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    resampled = resample_abs_pos_embed(old, new_size=list(new_grid), old_size=list(old_grid),
+                                       num_prefix_tokens=prefix)
+    note = (f"pos_embed resampled from a {old_grid[0]}x{old_grid[1]} to a "
+            f"{new_grid[0]}x{new_grid[1]} patch grid (bicubic)")
+    return {**state, "pos_embed": resampled.to(old.dtype)}, note
 
 
 def is_export(path: str | os.PathLike) -> bool:

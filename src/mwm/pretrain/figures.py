@@ -23,7 +23,10 @@ def _to_uint8(images_b3hw: torch.Tensor, mean, std) -> np.ndarray:
 
 
 def epoch_grid(images_b3hw, regions_bhw, masks, output, mean, std, patch: int) -> np.ndarray:
-    """Rows of [input | region overlay | masked input | reconstruction] as RGB uint8."""
+    """Rows of [input | region overlay | masked input | reconstruction] as RGB uint8.
+
+    ``patch``: the mask cell in pixels (``model.mask_patch``: SparK's cell, a ViT's patch);
+    ``output`` is a SparK or MAE output (``reconstruction_b3hw``)."""
     n = min(MAX_ROWS, images_b3hw.shape[0])
     inputs = _to_uint8(images_b3hw[:n], mean, std)
     recon = _to_uint8(output.reconstruction_b3hw[:n], mean, std)

@@ -2,21 +2,25 @@
 
 One forward pass of :class:`SparKModel`, in the order of this file:
 
-1. **Mask.** ``active_b1hw`` (bool (B, 1, H/p, W/p), True = visible cell, from
-   :mod:`mwm.masking`) is upsampled to pixels; the encoder input is the image with the
-   masked cells set to 0 (in normalized space).
+1. **Mask.** ``active_b1hw`` (bool (B, 1, H/m, W/m), True = visible cell, from
+   :mod:`mwm.masking`; ``m = mask_patch``, by default the encoder stride ``p``) is
+   upsampled to pixels; the encoder input is the image with the masked cells set to 0
+   (in normalized space).
 2. **Encode.** The timm backbone, converted by :func:`~mwm.pretrain.sparse.sparsify`,
    runs inside ``with self.context.active(active_b1hw)``: every convolution, pooling and
    normalization only "sees" visible positions (see ``sparse.py``), and the hierarchical
-   features (strides 4..32) are zero at masked positions.
+   features (strides 4..32) are zero at masked positions. A stage of stride ``s <= m``
+   sees the mask cells repeated; a stage of stride ``s > m`` counts a position visible
+   when any of its ``(s/m)²`` sub-cells is (docs/masking.md says why).
 3. **Densify.** Features reversed (smallest first). At scale ``i``: a sparse norm over
    the visible positions (``bn`` for ResNet, ``ln`` for ConvNeXt, chosen by
-   ``densify_norm='auto'``), masked positions filled with a learnable mask token
+   ``densify_norm='auto'``), masked positions (at a coarse scale: every sub-cell
+   masked) filled with a learnable mask token
    (1, C_i, 1, 1) (truncated normal, std 0.02), then a projection conv to the decoder
    width of that scale (1x1 at the smallest scale, 3x3 otherwise; identity when a 1x1
    would map C to C). Decoder widths halve per scale.
 4. **Decode.** :class:`~mwm.pretrain.decoder.LightDecoder` (``log2(p)`` upsampling blocks).
-5. **Loss.** Input and reconstruction patchified to (B, N_cells, 3·p·p); with
+5. **Loss.** Input and reconstruction patchified into mask cells (B, N_cells, 3·m·m); with
    ``norm_pix_loss`` the target is each patch normalized by its own mean and (unbiased)
    variance, eps 1e-6; the per-cell MSE is averaged over the **masked cells only**.
    The loss is computed in float32 (also under autocast).
@@ -108,12 +112,27 @@ def masked_patch_loss(reconstruction_b3hw: torch.Tensor, images_b3hw: torch.Tens
 
 # --------------------------------------------------------------------------- model
 
+def _check_mask_patch(mask_patch, encoder: Encoder) -> int:
+    """``mask_patch`` as an int, or a ValueError naming the values this encoder allows."""
+    choices = encoder.mask_patch_choices()
+    if isinstance(mask_patch, bool) or mask_patch not in choices:
+        raise ValueError(f"mask_patch must be one of {', '.join(map(str, choices))} for "
+                         f"{encoder.arch} (a power of two that divides its stride "
+                         f"{encoder.downsample_ratio}, at least its first feature stride "
+                         f"{choices[0]}), got {mask_patch!r}")
+    return int(mask_patch)
+
+
 class SparKModel(nn.Module):
     """Sparse masked image modeling of a timm CNN (see the module docstring).
 
     ``encoder``: timm architecture name (ResNet family, ConvNeXt, or any timm model with
     ``features_only`` support). ``input_size`` must be a multiple of the encoder's
-    downsampling ratio (``patch_size``, 32 for ResNet/ConvNeXt). ``decoder_width``:
+    downsampling ratio (``patch_size``, 32 for ResNet/ConvNeXt). ``mask_patch``: the
+    mask cell in pixels (``self.mask_patch``; masks are (B, 1, H/m, W/m), see
+    :meth:`grid`): a power of two from the encoder's first feature stride up to
+    ``patch_size`` (:meth:`~mwm.pretrain.encoders.Encoder.mask_patch_choices`); None =
+    ``patch_size``, SparK's mask. ``decoder_width``:
     default :func:`default_decoder_width`. ``densify_norm``: 'auto' (bn for BN-based
     encoders, ln for LayerNorm-based ones), 'bn', 'ln' or 'identity'.
     ``drop_path_rate``: None = SparK's default for the architecture
@@ -124,7 +143,7 @@ class SparKModel(nn.Module):
     def __init__(self, encoder: str = "resnet50", *, input_size: int = 224,
                  decoder_width: int | None = None, norm_pix_loss: bool = True,
                  densify_norm: str = "auto", drop_path_rate: float | None = None,
-                 sbn: bool = False, **timm_kwargs):
+                 sbn: bool = False, mask_patch: int | None = None, **timm_kwargs):
         super().__init__()
         if densify_norm not in DENSIFY_NORMS:
             raise ValueError(f"densify_norm must be one of {DENSIFY_NORMS}, got {densify_norm!r}")
@@ -136,6 +155,7 @@ class SparKModel(nn.Module):
             raise ValueError(f"input_size {input_size} is not divisible by the encoder's "
                              f"downsampling ratio {self.patch_size} ({encoder}); use a multiple "
                              f"of {self.patch_size}, e.g. {max(1, round(input_size / self.patch_size)) * self.patch_size}.")
+        self.mask_patch = self.patch_size if mask_patch is None else _check_mask_patch(mask_patch, dense)
         self.input_size = int(input_size)
         self.norm_pix_loss = bool(norm_pix_loss)
         self.sbn = bool(sbn)
@@ -185,9 +205,10 @@ class SparKModel(nn.Module):
         return list(self.encoder.feature_channels)
 
     def grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """The mask grid (rows, columns of ``mask_patch`` cells) of an input size."""
         h = self.input_size if height is None else height
         w = self.input_size if width is None else width
-        return h // self.patch_size, w // self.patch_size
+        return h // self.mask_patch, w // self.mask_patch
 
     def _check(self, images_b3hw: torch.Tensor, active_b1hw: torch.Tensor) -> torch.Tensor:
         if images_b3hw.ndim != 4:
@@ -197,17 +218,17 @@ class SparKModel(nn.Module):
         if h % p or w % p:
             raise ValueError(f"input size {h}x{w} is not divisible by the encoder's downsampling "
                              f"ratio {p}; use a multiple of {p}.")
-        expected = (b, 1, h // p, w // p)
+        expected = (b, 1, *self.grid(h, w))
         if tuple(active_b1hw.shape) != expected:
-            raise ValueError(f"active mask must have shape {expected} for {h}x{w} images, "
-                             f"got {tuple(active_b1hw.shape)}")
+            raise ValueError(f"active mask must have shape {expected} for {h}x{w} images "
+                             f"(mask cells of {self.mask_patch} px), got {tuple(active_b1hw.shape)}")
         return active_b1hw if active_b1hw.dtype == torch.bool else active_b1hw > 0
 
     # ---- forward: mask → encode → densify → decode → loss
 
     def forward(self, images_b3hw: torch.Tensor, active_b1hw: torch.Tensor) -> SparKOutput:
         active = self._check(images_b3hw, active_b1hw)
-        p = self.patch_size
+        p = self.mask_patch
         # mask
         active_px = upsample_cells(active[:, 0], p).unsqueeze(1)
         masked_input = images_b3hw * active_px.to(images_b3hw.dtype)
@@ -232,7 +253,7 @@ class SparKModel(nn.Module):
         return SparKOutput(loss, figure, masked_input.detach())
 
     def _figure(self, reconstruction, images, active_px, mean, std) -> torch.Tensor:
-        p = self.patch_size
+        p = self.mask_patch
         b, c, h, w = images.shape
         rec = patchify(reconstruction.detach().float(), p) * std + mean
         rec = unpatchify(rec, p, (h // p, w // p), c).to(images.dtype)
@@ -251,5 +272,6 @@ class SparKModel(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"arch={self.arch!r}, input_size={self.input_size}, patch_size={self.patch_size}, "
+                f"mask_patch={self.mask_patch}, "
                 f"decoder_width={self.decoder_width}, densify_norm={self.densify_norm!r}, "
                 f"norm_pix_loss={self.norm_pix_loss}, sbn={self.sbn}")

@@ -18,6 +18,10 @@ visible cells; this module emulates that with dense operations and masks:
   zero masked positions of their output, so a ConvNeXt block's residual branch is zero at
   masked positions before the residual add (the shortcut is zero there already).
 
+The mask lives on one grid (SparK's mask cells); each layer reads it at its own output
+resolution (:func:`resample_cells`): repeated where finer, "any sub-cell visible" where
+coarser (a mask finer than the deepest stride; see docs/masking.md).
+
 The visible mask is **not** a module-level global: every sparse layer holds a reference
 to a :class:`SparseContext`, and the mask is set for one forward pass with
 ``with context.active(active_b1hw): ...``. Two models with two contexts never see each
@@ -39,23 +43,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "SparseContext",
-    "sparsify",
-    "densify_module",
-    "is_sparse",
-    "SparseBatchNorm2d",
-    "SparseLayerNorm2d",
-    "sparse_class",
-]
+__all__ = ["SparseContext", "resample_cells", "sparsify", "densify_module", "is_sparse",
+           "SparseBatchNorm2d", "SparseLayerNorm2d", "sparse_class"]
+
+
+def resample_cells(active_b1hw: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The visible cells (B, 1, gh, gw) at another resolution, axis by axis.
+
+    Finer by an integer factor: each cell repeated (exact: every position lies in one
+    cell). Coarser by an integer factor (a stage whose stride exceeds the mask cell): a
+    position is visible when ANY of its sub-cells is, as a sparse strided convolution's
+    output site is active when its window holds an active input. Its features are still
+    computed from visible positions only (masked ones are zero below it), so no masked
+    pixel reaches it; calling it masked would throw visible pixels away. Other sizes:
+    nearest-neighbour resampling (``F.interpolate``) of the whole mask.
+    """
+    mask = active_b1hw
+    for dim, size, cells in ((2, height, active_b1hw.shape[2]), (3, width, active_b1hw.shape[3])):
+        if size % cells == 0:
+            mask = mask.repeat_interleave(size // cells, dim=dim) if size != cells else mask
+        elif cells % size == 0:
+            shape = (*mask.shape[:dim], size, cells // size, *mask.shape[dim + 1:])
+            mask = mask.reshape(shape).any(dim=dim + 1)
+        else:
+            return F.interpolate(active_b1hw.to(torch.uint8), size=(height, width), mode="nearest") > 0
+    return mask
 
 
 class SparseContext:
     """The visible mask of the current forward pass, shared by one model's sparse layers.
 
     ``active_b1hw`` is a bool tensor (B, 1, gh, gw), True = visible cell. Masks at other
-    resolutions are derived on demand (each cell repeated, or nearest-neighbour
-    resampling when the size is not a multiple of the grid) and cached for the pass.
+    resolutions are derived on demand by :func:`resample_cells` and cached for the pass.
     """
 
     def __init__(self) -> None:
@@ -94,13 +113,7 @@ class SparseContext:
         key = ("bool", height, width)
         mask = self._cache.get(key)
         if mask is None:
-            gh, gw = active.shape[-2:]
-            if (height, width) == (gh, gw):
-                mask = active
-            elif height % gh == 0 and width % gw == 0:
-                mask = active.repeat_interleave(height // gh, dim=2).repeat_interleave(width // gw, dim=3)
-            else:
-                mask = F.interpolate(active.to(torch.uint8), size=(height, width), mode="nearest") > 0
+            mask = resample_cells(active, height, width)
             self._cache[key] = mask
         return mask
 

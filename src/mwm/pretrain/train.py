@@ -1,8 +1,11 @@
-"""``mwm pretrain``: region-aware sparse masked pretraining, resumable and distributed.
+"""``mwm pretrain``: region-aware masked pretraining, resumable and distributed.
 
-The step, in order: load a batch of (image, region) → sample masks on the encoder's
-grid with the configured strategy (:data:`mwm.masking.MASKINGS`) → SparK forward (mask
-→ encode → densify → decode → loss on masked cells) → the engine's backward
+The model follows ``--model`` (:func:`pretrain_model`): SparK (:mod:`.spark`) for a timm
+CNN, MAE (:mod:`.mae`) for a timm VisionTransformer. The step, in order: load a batch of
+(image, region) → sample masks on the model's mask grid (``model.mask_patch``: SparK's
+mask cell, the ViT's patch) with the configured strategy (:data:`mwm.masking.MASKINGS`)
+→ the model's forward (SparK: mask → encode → densify → decode; MAE: gather the visible
+tokens → encode → decode; both: loss on masked cells) → the engine's backward
 (accumulated), clipping and optimizer step with the step's learning rate and weight decay
 (:mod:`mwm.engine`).
 
@@ -46,8 +49,8 @@ LOG_FIELDS = ("step", "epoch", "loss", "lr", "wd", "ratio_overall", "ratio_salie
               "ratio_background", "empty_fraction", "images_per_s")
 #: Settings that may change when a run is resumed.
 RESUME_FREE = ("resume", "max_steps", "quiet", "workers", "device", "out")
-#: Parameters without weight decay besides 1-D ones and biases (SparK's rule).
-NO_DECAY_KEYWORDS = ("mask_token", "cls_token", "pos_embed", "gamma")
+#: Parameters without weight decay besides 1-D ones and biases (SparK's and timm ViT's rule).
+NO_DECAY_KEYWORDS = ("mask_token", "cls_token", "reg_token", "dist_token", "pos_embed", "gamma")
 
 
 @dataclass
@@ -79,6 +82,55 @@ def sample_masks(cfg: PretrainConfig, regions_bhw: torch.Tensor, patch: int, ste
 
 def load_checkpoint(path: str | Path) -> dict:
     return checkpoint.load(path, CHECKPOINT_NAME, kind="pretrain")
+
+
+def is_mae(model) -> bool:
+    from .mae import MAEModel
+
+    return isinstance(model, MAEModel)
+
+
+def pretrain_model(config: dict, *, sbn: bool = False):
+    """The model of a pretraining run from its settings (``PretrainConfig.to_dict()``, as
+    checkpoints store them): :class:`~mwm.pretrain.mae.MAEModel` for a timm
+    VisionTransformer, else :class:`~mwm.pretrain.spark.SparKModel`. Flags that do not
+    fit the family, and sizes the model refuses, are a :class:`DataError`."""
+    from .mae import MAEModel, is_vit
+
+    arch, get = config["model"], config.get
+    vit = is_vit(arch)
+    _check_family_flags(arch, vit, get("patch_size"), get("mask_patch"), get("decoder_depth"))
+    common = dict(input_size=config["input_size"], decoder_width=get("decoder_width"),
+                  norm_pix_loss=get("norm_pix_loss", True))
+    try:
+        if vit:
+            return MAEModel(arch, patch_size=get("patch_size"),
+                            decoder_depth=get("decoder_depth"), **common)
+        from .spark import SparKModel
+
+        if get("mask_patch") is not None:  # only then: SparKModel without mask_patch stays valid
+            common["mask_patch"] = get("mask_patch")
+        return SparKModel(arch, sbn=sbn, **common)
+    except ValueError as err:
+        raise DataError(f"--model {arch}: {err}") from err
+
+
+def _check_family_flags(arch: str, vit: bool, patch_size, mask_patch, decoder_depth) -> None:
+    if vit and mask_patch is not None and mask_patch != (patch_size or _vit_patch(arch)):
+        raise DataError(f"--mask-patch {mask_patch}: a ViT ({arch}) masks whole patches; leave "
+                        f"--mask-patch out or set --patch-size {mask_patch}.")
+    if not vit and patch_size is not None:
+        raise DataError(f"--patch-size is the patch of a ViT; {arch} is a CNN: use "
+                        "--mask-patch for the mask cell size.")
+    if not vit and decoder_depth is not None:
+        raise DataError(f"--decoder-depth sets the depth of a ViT's MAE decoder; {arch} is a "
+                        "CNN (SparK's decoder has one block per stride doubling).")
+
+
+def _vit_patch(arch: str) -> int:
+    from .mae import _meta_model
+
+    return int(_meta_model(arch).patch_embed.patch_size[0])
 
 
 # --------------------------------------------------------------------------- the run
@@ -153,11 +205,9 @@ class Trainer(EngineCounters):
                 "file": str(self.out / EMPTY_REGIONS_NAME)}
 
     def _model(self):
-        from .spark import SparKModel
-
         cfg = self.cfg
-        model = SparKModel(cfg.model, input_size=cfg.input_size, decoder_width=cfg.decoder_width,
-                           norm_pix_loss=cfg.norm_pix_loss, sbn=cfg.sync_bn and self.dist.world > 1)
+        model = pretrain_model(cfg.to_dict(), sbn=cfg.sync_bn and self.dist.world > 1)
+        self.mask_patch = getattr(model, "mask_patch", model.patch_size)
         model.to(self.device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -220,7 +270,7 @@ class Trainer(EngineCounters):
             self._save()
             if self.dist.main and figure_batch is not None:
                 write_epoch_figure(self.out / "figures" / f"epoch_{self.epoch:04d}.png",
-                                   figure_batch, self.mean, self.std, self.model.patch_size)
+                                   figure_batch, self.mean, self.std, self.mask_patch)
 
     def _forward_backward(self, images, regions, micro: int):
         cfg, engine = self.cfg, self.engine
@@ -228,7 +278,7 @@ class Trainer(EngineCounters):
         regions = regions.to(self.device, non_blocking=True)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        masks = sample_masks(cfg, regions, self.model.patch_size,
+        masks = sample_masks(cfg, regions, self.mask_patch,
                              self.step * cfg.accumulate + micro, self.dist.rank)
         self._add_ratios(masks)
         with engine.accumulating(micro):
@@ -288,10 +338,12 @@ class Trainer(EngineCounters):
         if not self.dist.main:
             return None
         path = self.out / "encoder.safetensors"
+        extra = {"mean": list(self.mean), "std": list(self.std), "input_size": self.cfg.input_size,
+                 "step": self.step, "masking": self.cfg.masking}
+        if is_mae(self.model):  # a ViT is rebuilt downstream with its (maybe non-default) patch
+            extra["patch_size"] = self.model.patch_size
         export_encoder(self.model.encoder_state_dict(), str(path), arch=self.cfg.model,
-                       extra_metadata={"mean": list(self.mean), "std": list(self.std),
-                                       "input_size": self.cfg.input_size, "step": self.step,
-                                       "masking": self.cfg.masking})
+                       extra_metadata=extra)
         return str(path)
 
     def _tensorboard(self):
