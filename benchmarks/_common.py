@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: The load when the benchmark started (its own work raises it by the end).
+START_LOAD = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
@@ -25,9 +27,9 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
 
 
 def machine_line() -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-            f"1-min load average {load:.2f} at the start")
+            f"1-min load average {START_LOAD:.2f} at the start, {end:.2f} at the end")
 
 
 def write_result(name: str, title: str, body: str) -> Path:
