@@ -233,3 +233,16 @@ def test_every_cell_is_scored_on_every_task(tmp_path):
     assert "probe accuracy" in header and "det segm/AP" in header
     row = next(csv.DictReader(open(out / "cells.csv")))
     assert "det_bbox/AP50" in row and "probe_balanced_accuracy" in row
+
+
+def test_a_vit_experiment_pretrains_with_mae_and_probes(tmp_path):
+    """The grid takes a ViT like a CNN: MAE cells on the patch grid, probed downstream."""
+    config = write_config(tmp_path / "vit.yaml",
+                          pretrain={**TINY["pretrain"], "model": "vit_tiny_patch16_224",
+                                    "patch_size": 8, "decoder_width": 32, "decoder_depth": 1},
+                          strategies=TINY["strategies"][1:])
+    out = tmp_path / "run"
+    assert run(config, out) == 0
+    rows = {r["strategy"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert float(rows["random-50"]["ratio_overall"]) == pytest.approx(0.5)
+    assert 0.0 <= float(rows["region-gt"]["linear_mean"]) <= 1.0

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..errors import DataError
 from ..masking import upsample_cells
-from .spark import masked_patch_loss, patchify, unpatchify
+from .spark import checked_active, mask_grid, masked_patch_loss, patchify, unpatchify
 
 __all__ = ["MAEModel", "MAEOutput", "MAEDecoder", "create_vit", "is_vit", "sincos_2d",
            "default_mae_decoder"]
@@ -262,22 +262,10 @@ class MAEModel(nn.Module):
 
     def grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """The patch grid (rows, columns) of an input size: the mask grid."""
-        h = self.input_size if height is None else height
-        w = self.input_size if width is None else width
-        return h // self.patch_size, w // self.patch_size
+        return mask_grid(self, height, width)
 
     def _check(self, images_b3hw: torch.Tensor, active_b1hw: torch.Tensor) -> torch.Tensor:
-        if images_b3hw.ndim != 4:
-            raise ValueError(f"images must be (B, C, H, W), got {tuple(images_b3hw.shape)}")
-        b, _, h, w = images_b3hw.shape
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"input size {h}x{w} is not divisible by the patch size "
-                             f"{self.patch_size}; use a multiple of {self.patch_size}.")
-        expected = (b, 1, *self.grid(h, w))
-        if tuple(active_b1hw.shape) != expected:
-            raise ValueError(f"active mask must have shape {expected} for {h}x{w} images "
-                             f"(patches of {self.patch_size} px), got {tuple(active_b1hw.shape)}")
-        return active_b1hw if active_b1hw.dtype == torch.bool else active_b1hw > 0
+        return checked_active(self, images_b3hw, active_b1hw, f"the patch size {self.patch_size}")
 
     def encode(self, images_b3hw: torch.Tensor, visible_bn: torch.Tensor):
         """The encoder on the visible tokens only: ``(latent (B, P + L, D), order, valid)``."""

@@ -110,6 +110,34 @@ def masked_patch_loss(reconstruction_b3hw: torch.Tensor, images_b3hw: torch.Tens
     return loss, mean, std
 
 
+# --------------------------------------------------------------------------- shared checks
+
+def mask_grid(model, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+    """The mask grid of ``model`` (SparK or MAE: ``input_size``, ``mask_patch``) at a size."""
+    h = model.input_size if height is None else height
+    w = model.input_size if width is None else width
+    return h // model.mask_patch, w // model.mask_patch
+
+
+def checked_active(model, images_b3hw: torch.Tensor, active_b1hw: torch.Tensor,
+                   divisor: str) -> torch.Tensor:
+    """The visible mask as bool, after checking the images are (B, C, H, W) with H and W
+    multiples of ``model.patch_size`` (named ``divisor`` in the message) and the mask is
+    (B, 1) + the mask grid."""
+    if images_b3hw.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got {tuple(images_b3hw.shape)}")
+    b, _, h, w = images_b3hw.shape
+    p = model.patch_size
+    if h % p or w % p:
+        raise ValueError(f"input size {h}x{w} is not divisible by {divisor}; use a multiple "
+                         f"of {p}.")
+    expected = (b, 1, *mask_grid(model, h, w))
+    if tuple(active_b1hw.shape) != expected:
+        raise ValueError(f"active mask must have shape {expected} for {h}x{w} images "
+                         f"(mask cells of {model.mask_patch} px), got {tuple(active_b1hw.shape)}")
+    return active_b1hw if active_b1hw.dtype == torch.bool else active_b1hw > 0
+
+
 # --------------------------------------------------------------------------- model
 
 def _check_mask_patch(mask_patch, encoder: Encoder) -> int:
@@ -206,23 +234,11 @@ class SparKModel(nn.Module):
 
     def grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """The mask grid (rows, columns of ``mask_patch`` cells) of an input size."""
-        h = self.input_size if height is None else height
-        w = self.input_size if width is None else width
-        return h // self.mask_patch, w // self.mask_patch
+        return mask_grid(self, height, width)
 
     def _check(self, images_b3hw: torch.Tensor, active_b1hw: torch.Tensor) -> torch.Tensor:
-        if images_b3hw.ndim != 4:
-            raise ValueError(f"images must be (B, C, H, W), got {tuple(images_b3hw.shape)}")
-        b, _, h, w = images_b3hw.shape
-        p = self.patch_size
-        if h % p or w % p:
-            raise ValueError(f"input size {h}x{w} is not divisible by the encoder's downsampling "
-                             f"ratio {p}; use a multiple of {p}.")
-        expected = (b, 1, *self.grid(h, w))
-        if tuple(active_b1hw.shape) != expected:
-            raise ValueError(f"active mask must have shape {expected} for {h}x{w} images "
-                             f"(mask cells of {self.mask_patch} px), got {tuple(active_b1hw.shape)}")
-        return active_b1hw if active_b1hw.dtype == torch.bool else active_b1hw > 0
+        return checked_active(self, images_b3hw, active_b1hw,
+                              f"the encoder's downsampling ratio {self.patch_size}")
 
     # ---- forward: mask → encode → densify → decode → loss
 
