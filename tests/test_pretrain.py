@@ -158,3 +158,19 @@ def test_ddp_mae_with_uneven_visible_counts_agrees(phantoms, tmp_path):
     manifest = json.loads((tmp_path / "run_manifest.json").read_text())
     assert manifest["results"]["ranks_agree"] is True
     assert manifest["results"]["steps"] == n_train(phantoms) // 4
+
+
+def test_mask_patch_16_pretrains_on_the_fine_grid_and_resumes(phantoms, tmp_path):
+    """`--mask-patch 16` at 64 px: a 4 x 4 grid, exact counts logged on it (10 of 16 at 0.6,
+    where the 2 x 2 stride grid gives 2 of 4), and a resumed run repeats the curve."""
+    common = dict(images=str(phantoms), masking="random", ratio=0.6, mask_patch=16,
+                  **{**TINY, "epochs": 1})
+    full = pretrain(PretrainConfig(out=str(tmp_path / "full"), **common))
+    rows = list(csv.DictReader(open(tmp_path / "full" / "train_log.csv")))
+    assert {r["ratio_overall"] for r in rows} == {"0.6250"}
+    assert full.realized["overall"] == pytest.approx(0.625)
+    pretrain(PretrainConfig(out=str(tmp_path / "cut"), max_steps=2, **common))
+    pretrain(PretrainConfig(out=str(tmp_path / "cut"), resume="auto", **common))
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    with pytest.raises(DataError, match="mask_patch"):
+        Trainer(PretrainConfig(out=str(tmp_path / "bad"), **{**common, "mask_patch": 12}))
