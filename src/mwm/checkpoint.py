@@ -28,6 +28,7 @@ from .files import atomic_path
 
 FINETUNE_FORMAT = "mwm-finetune"
 CLIP_FORMAT = "mwm-clip-checkpoint"
+SEGMENT_FORMAT = "mwm-segment"
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ KINDS = {
     "detect": Kind("an MWM detection checkpoint", (*_ENGINE_KEYS, "config", "rng"),
                    "Pass the checkpoint.pt (or the run folder) of an mwm detect run",
                    lambda obj: "weights_meta" in obj and "num_classes" in obj),
+    "segment": Kind("an MWM segmentation checkpoint",
+                    (*_ENGINE_KEYS, "format", "config", "classes"),
+                    "Pass the last.pt (or the run folder) of an mwm segment run; best.pt holds "
+                    "no training state", lambda obj: obj.get("format") == SEGMENT_FORMAT),
     "pretrain": Kind("an MWM pretraining checkpoint", (*_ENGINE_KEYS, "config", "mean", "std"),
                      "Pass the checkpoint.pt (or the run folder) of an mwm pretrain run",
                      lambda obj: isinstance(obj.get("config"), dict)

@@ -293,6 +293,25 @@ def run_finetune(cfg, opts) -> int:
     return EXIT_OK
 
 
+def run_segment(cfg, opts) -> int:
+    from ..downstream.segment import REPORTED, segment
+    from ..downstream.weights import LAST
+
+    claim_training_folder(cfg, opts, "segment", LAST, cfg.resume)
+    with _on_main_rank(cfg.out, "segment", cfg) as manifest:
+        summary = segment(cfg)
+        if manifest:
+            manifest.add(best=summary.get("best"), last=summary.get("last"),
+                         eval_split=summary.get("eval_split"))
+    if main_rank():
+        for split, metrics in summary["last"].items():
+            shown = {k: metrics[k] for k in REPORTED if isinstance(metrics.get(k), (int, float))}
+            print(f"segment ({cfg.mode}) on {split}: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+        print(f"outputs: {cfg.out}")
+    return EXIT_OK
+
+
 def run_detect(cfg, opts) -> int:
     from ..downstream.detect import CHECKPOINT_NAME, detect
 
@@ -399,6 +418,8 @@ COMMANDS = (
     Command("finetune", "fine-tune or linear-probe a classifier from a pretrained encoder (or "
             "from scratch) on labelled images", "mwm.downstream.classify:FinetuneConfig",
             run_finetune),
+    Command("segment", "semantic segmentation (UNet decoder) from a pretrained encoder; DSC, "
+            "NSD, HD95", "mwm.downstream.segment:SegmentConfig", run_segment),
     Command("detect", "fine-tune Mask R-CNN (torchvision, ResNet-FPN) from a pretrained "
             "encoder; COCO box and mask AP", "mwm.downstream.detect:DetectConfig", run_detect),
     Command("export", "convert a pretrained encoder to timm, torchvision or Detectron2 key names",

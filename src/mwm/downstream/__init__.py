@@ -8,6 +8,8 @@
   AUROC and confusion matrices;
 * :mod:`.detect` with :mod:`.coco` — detection / instance segmentation (Mask R-CNN), task
   ``detect``;
+* :mod:`.segment` — semantic segmentation (UNet decoder on a CNN encoder's pyramid),
+  tasks ``segment`` and ``segment-probe``;
 * :mod:`.weights` — reading every kind of encoder weights, strict loading;
 * :mod:`.convert` — encoder weights in timm / torchvision / Detectron2 key spaces;
 * :mod:`.vit` — Vision Transformers: MAE layer ids, position embeddings resampled to
@@ -16,7 +18,7 @@
 Importing the package registers its tasks.
 """
 
-from . import classify, detect  # noqa: F401  (their tasks register on import)
+from . import classify, detect, segment  # noqa: F401  (their tasks register on import)
 from .tasks import TASKS, EvalTask
 
 __all__ = ["TASKS", "EvalTask"]

@@ -96,7 +96,7 @@ def check_grid(model: nn.Module, input_size: int, flag: str = "--input-size") ->
 
 # --------------------------------------------------------------------------- detection
 
-def _resampler(width: int, patch: int, stride: int) -> tuple[nn.Module, int]:
+def resampler(width: int, patch: int, stride: int) -> tuple[nn.Module, int]:
     """The module taking the stride-``patch`` map to stride ``stride``, and its output width:
     ``log2(patch / stride)`` transposed 2x2 convolutions (LayerNorm + GELU between, each
     halving the width, as ViTDet), nothing, or a ``stride / patch`` max-pool."""
@@ -129,7 +129,7 @@ class SimpleFeaturePyramid(nn.Module):
                             f"has patch size {patch}.")
         self.levels = nn.ModuleList()
         for stride in strides:
-            resample, w = _resampler(width, patch, stride)
+            resample, w = resampler(width, patch, stride)
             self.levels.append(nn.Sequential(
                 resample, nn.Conv2d(w, out_channels, 1, bias=False), LayerNorm2d(out_channels),
                 nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
