@@ -133,13 +133,21 @@ def test_killed_run_resumes_with_the_same_curve(phantoms, tmp_path):
     assert losses(tmp_path / "kill") == losses(tmp_path / "full")
 
 
-def test_ddp_two_cpu_processes_agree(phantoms, tmp_path):
-    result = torchrun_mwm("pretrain", phantoms, "--out", tmp_path, "--masking", "random",
-                          "--model", "resnet10t", "--input-size", "64", "--batch-size", "2",
-                          "--epochs", "1", "--workers", "0", "--amp", "none", "--no-channels-last",
-                          "--quiet", "--device", "cpu", "--sync-bn", "--decoder-width", "32")
+DDP_COMMON = ("--input-size", "64", "--batch-size", "2", "--epochs", "1", "--workers", "0",
+              "--amp", "none", "--no-channels-last", "--quiet", "--device", "cpu",
+              "--decoder-width", "32")
+
+
+def ddp_manifest(phantoms, tmp_path, *args) -> dict:
+    """``mwm pretrain`` on 2 CPU processes (torchrun); its manifest."""
+    result = torchrun_mwm("pretrain", phantoms, "--out", tmp_path, *args, *DDP_COMMON)
     assert result.returncode == 0, result.stderr[-3000:]
-    manifest = json.loads((tmp_path / "run_manifest.json").read_text())
+    return json.loads((tmp_path / "run_manifest.json").read_text())
+
+
+def test_ddp_two_cpu_processes_agree(phantoms, tmp_path):
+    manifest = ddp_manifest(phantoms, tmp_path, "--masking", "random", "--model", "resnet10t",
+                            "--sync-bn")
     assert manifest["results"]["ranks_agree"] is True
     assert manifest["results"]["steps"] == n_train(phantoms) // 4
 
@@ -148,14 +156,9 @@ def test_ddp_mae_with_uneven_visible_counts_agrees(phantoms, tmp_path):
     """Region masks give each rank (and image) its own visible count, so the ranks' token
     sequences differ in length; DDP (no find_unused_parameters) must still finish and
     keep the ranks' ViT weights equal."""
-    result = torchrun_mwm("pretrain", phantoms, "--out", tmp_path, "--regions",
-                          phantoms / "masks", "--masking", "region",
-                          "--model", "vit_tiny_patch16_224", "--patch-size", "8",
-                          "--input-size", "64", "--batch-size", "2", "--epochs", "1",
-                          "--workers", "0", "--amp", "none", "--no-channels-last", "--quiet",
-                          "--device", "cpu", "--decoder-width", "32", "--decoder-depth", "1")
-    assert result.returncode == 0, result.stderr[-3000:]
-    manifest = json.loads((tmp_path / "run_manifest.json").read_text())
+    manifest = ddp_manifest(phantoms, tmp_path, "--regions", phantoms / "masks", "--masking",
+                            "region", "--model", "vit_tiny_patch16_224", "--patch-size", "8",
+                            "--decoder-depth", "1")
     assert manifest["results"]["ranks_agree"] is True
     assert manifest["results"]["steps"] == n_train(phantoms) // 4
 

@@ -10,6 +10,7 @@ from mwm.pretrain import sparse as sparse_mod
 from mwm.pretrain.encoders import create_encoder
 from mwm.pretrain.sparse import (SparseContext, densify_module, is_sparse, sparse_batchnorm,
                                  sparsify)
+from sparse_helpers import clean_and_noised
 
 
 def _mask(batch, grid, ratio=0.6, seed=0):
@@ -23,28 +24,17 @@ def test_masked_pixels_never_reach_visible_features(arch):
     enc = sparsify(create_encoder(arch), ctx).train()
     x = torch.randn(3, 3, 96, 96)
     active = _mask(3, (3, 3))
-    pixels = upsample_cells(active[:, 0], 32).unsqueeze(1)
-    noisy = torch.where(pixels, x, x + 50 * torch.randn_like(x))
-
-    layer_outputs = []
-    channels_first = [m for m in enc.modules() if is_sparse(m) and (
-        isinstance(m, timm.layers.LayerNorm2d) or not isinstance(m, (nn.Linear, nn.LayerNorm)))]
-    hooks = [m.register_forward_hook(lambda mod, i, o: layer_outputs.append(o)) for m in channels_first]
+    clean, dirty, layer_outputs = clean_and_noised(enc, ctx, x, active, 32)
     with ctx.active(active):
-        clean = enc(x)
         masks = [ctx.mask_bool(f.shape[2], f.shape[3]) for f in clean]
-        hooked = len(layer_outputs)
-        dirty = enc(noisy)
-    for h in hooks:
-        h.remove()
     assert [f.shape[-1] for f in clean] == [24, 12, 6, 3]
     for a, b, m in zip(clean, dirty, masks):
         assert torch.equal(a, b)                       # visible features unchanged
         assert torch.count_nonzero(a * ~m) == 0         # masked positions are zero
         assert torch.count_nonzero(a * m) > 0
     # every sparse layer's output is zero at masked positions, at every resolution
-    assert hooked > 10
-    for out in layer_outputs[:hooked]:
+    assert len(layer_outputs) > 10
+    for out in layer_outputs:
         m = upsample_cells(active[:, 0], out.shape[-1] // 3).unsqueeze(1)
         assert out.shape[-2:] == m.shape[-2:]
         assert torch.count_nonzero(out * ~m) == 0

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import opt
 from .errors import DataError
 from .files import atomic_path
 
@@ -66,6 +67,17 @@ KINDS = {
     "resume": Kind("an MWM training checkpoint", (*_ENGINE_KEYS, "config"),
                    "Pass the checkpoint the run wrote (or its run folder)"),
 }
+
+
+def resume_option(source: str = "a checkpoint"):
+    """The ``--resume`` setting of a resumable command (one wording for all of them)."""
+    return opt(None, f"continue from {source} (run folder or file; auto = --out's own if any). "
+               "A missing path is an error", metavar="PATH|auto")
+
+
+def max_steps_option():
+    """The ``--max-steps`` setting of a resumable command."""
+    return opt(None, "stop after this many optimizer steps (resumable)", low=0)
 
 
 def rng_state() -> dict:

@@ -84,10 +84,9 @@ class FinetuneConfig:
     workers: int = opt(2, "data-loader worker processes", low=0)
     device: str = opt("auto", "cpu, cuda, cuda:N or auto (a GPU if there is one)")
     eval_only: bool = opt(False, "evaluate a fine-tuned checkpoint (best.pt / last.pt)")
-    resume: str | None = opt(None, "continue from last.pt (run folder or file; auto = --out's "
-                             "own if any). A missing path is an error", metavar="PATH|auto")
+    resume: str | None = checkpoint.resume_option('last.pt')
     quiet: bool = opt(False, "no progress bars")
-    max_steps: int | None = opt(None, "stop after this many optimizer steps (resumable)", low=0)
+    max_steps: int | None = checkpoint.max_steps_option()
 
     def __post_init__(self) -> None:
         check_ranges(self)

@@ -123,10 +123,8 @@ class DetectConfig:
     workers: int = opt(0, "data-loader worker processes (unused: images load in the loop)",
                        low=0)
     device: str = opt("auto", "cpu, cuda, cuda:N or auto (a GPU if there is one)")
-    resume: str | None = opt(None, "continue from a checkpoint (run folder or file; auto = "
-                             "--out's own if any). A missing path is an error",
-                             metavar="PATH|auto")
-    max_steps: int | None = opt(None, "stop after this many optimizer steps (resumable)", low=0)
+    resume: str | None = checkpoint_io.resume_option()
+    max_steps: int | None = checkpoint_io.max_steps_option()
     quiet: bool = opt(False, "no progress lines")
     train_split: str = opt("train", "COCO split to train on (instances_<split>.json)")
     eval_split: str = opt("val", "COCO split to evaluate on")

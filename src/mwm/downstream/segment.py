@@ -107,10 +107,9 @@ class SegmentConfig:
     seed: int = opt(0, "random seed")
     workers: int = opt(0, "data-loader worker processes", low=0)
     device: str = opt("auto", "cpu, cuda, cuda:N or auto")
-    resume: str | None = opt(None, "continue from last.pt (run folder or file; auto = --out's "
-                             "own if any). A missing path is an error", metavar="PATH|auto")
+    resume: str | None = checkpoint.resume_option('last.pt')
     quiet: bool = opt(False, "no progress output")
-    max_steps: int | None = opt(None, "stop after this many optimizer steps (resumable)", low=0)
+    max_steps: int | None = checkpoint.max_steps_option()
 
     def __post_init__(self) -> None:
         check_ranges(self)

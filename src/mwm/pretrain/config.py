@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .. import checkpoint
 from ..config import check_ranges, opt
 from ..errors import DataError
 from ..masking import MASKINGS, MaskingParams, default_masking
@@ -64,11 +65,9 @@ class PretrainConfig(MaskingParams):
     device: str = opt("auto", "cpu, cuda, cuda:N or auto (a GPU if there is one)")
     checkpoint_every: int = opt(200, "optimizer steps between checkpoints", low=1)
     log_every: int = opt(10, "optimizer steps between log rows", low=1)
-    resume: str | None = opt(None, "continue from a checkpoint (run folder or file; auto = "
-                             "--out's own if any). A missing path is an error",
-                             metavar="PATH|auto")
+    resume: str | None = checkpoint.resume_option()
     stat_images: int = opt(1000, "images for the normalization statistics", low=1)
-    max_steps: int | None = opt(None, "stop after this many optimizer steps (resumable)", low=0)
+    max_steps: int | None = checkpoint.max_steps_option()
     quiet: bool = opt(False, "no progress bars")
 
     def __post_init__(self) -> None:
