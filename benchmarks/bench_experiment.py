@@ -6,7 +6,8 @@
 Runs `mwm experiment` (unless --collect-only), samples the load average every minute
 while it runs, then writes benchmarks/results/experiment.md (the table, the wall time,
 the load, and a plain statement of how each region-aware strategy compared with the
-reference) and copies the accuracy-vs-ratio plot to benchmarks/results/experiment.png.
+reference) and copies each evaluation's plot (plots/<evaluation>.png) to
+benchmarks/results/experiment.png (one evaluation) or experiment-<evaluation>.png.
 """
 
 from __future__ import annotations
@@ -84,14 +85,19 @@ def main() -> None:
         samples = [float(line.split()[1]) for line in Path(args.load_log).read_text().splitlines()
                    if len(line.split()) > 1]
     results = json.loads((run_dir / "results.json").read_text())
-    shutil.copyfile(run_dir / "accuracy_vs_ratio.png", RESULTS / "experiment.png")
+    evals = results["evaluations"]
+    plots = {e: "experiment.png" if len(evals) == 1 else f"experiment-{e}.png" for e in evals}
+    for e, name in plots.items():
+        shutil.copyfile(run_dir / "plots" / f"{e}.png", RESULTS / name)
     load = (f"1-min load average while it ran: min {min(samples):.1f}, median "
             f"{sorted(samples)[len(samples) // 2]:.1f}, max {max(samples):.1f} over {len(samples)} "
             "samples (above 2 = other jobs shared the 2 cores)" if samples else "load not sampled")
     body = "\n".join([
         f"Experiment `{results['name']}` — wall time {wall_minutes(run_dir)}; {load}.", "",
         (run_dir / "results.md").read_text(), "## Comparisons (computed)", "",
-        *comparisons(results), "", "![accuracy vs mask ratio](experiment.png)", ""])
+        *comparisons(results), "",
+        *[f"![{e}: {results['primary'][e]} vs mask ratio]({name})" for e, name in plots.items()],
+        ""])
     write_result("experiment", "Masking-strategy experiment", body)
     print(body)
 

@@ -14,7 +14,7 @@ def test_quick_demo_runs_every_stage(quick_demo):
     assert code == 0, text
     assert seconds < 1.5 * QUICK_BUDGET_S, f"mwm demo --quick took {seconds:.0f} s"
     for path in ("data/labels.csv", "data/contact_sheet.png", "clip/open_clip_model.safetensors",
-                 "localization/summary.json", "results.csv", "results.md", "accuracy_vs_ratio.png",
+                 "localization/summary.json", "results.csv", "results.md", "plots/linear.png",
                  "report.html", "run_manifest.json"):
         assert (out / path).is_file(), path
     n_images = sum(1 for _ in (out / "data" / "images").glob("*.png"))

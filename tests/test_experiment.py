@@ -1,9 +1,12 @@
 """`mwm experiment`: config checks, cells, sharding, resume, stale cells, results math."""
 
 import csv
+import hashlib
 import json
 import math
 import os
+import re
+import statistics
 
 import pytest
 import yaml
@@ -11,7 +14,10 @@ import yaml
 from mwm.cli import main
 from mwm.data.io import DataError
 from mwm.experiment import cells_of, parse_experiment, shard_from
-from mwm.experiment.results import cell_rows, mean_std, strategy_rows
+from mwm.experiment.config import task_of
+from mwm.experiment.grid import CELL_FILE, cell_fingerprint
+from mwm.experiment.results import cell_rows, mean_std, strategy_rows, write_results
+from mwm.files import write_json
 
 TINY = {
     "name": "tiny",
@@ -246,3 +252,185 @@ def test_a_vit_experiment_pretrains_with_mae_and_probes(tmp_path):
     rows = {r["strategy"]: r for r in csv.DictReader(open(out / "results.csv"))}
     assert float(rows["random-50"]["ratio_overall"]) == pytest.approx(0.5)
     assert 0.0 <= float(rows["region-gt"]["linear_mean"]) <= 1.0
+
+
+# --------------------------------------------------------------------------- per-task results
+
+SEG = {"name": "seg", "task": "segment-probe", "epochs": 1}
+LINEAR = TINY["evaluate"][0]
+BASE = {"scratch": 0.3, "random-50": 0.5, "region-gt": 0.6}
+
+
+def fake_value(strategy: str, seed: int, evaluation: str, metric: str, index: int):
+    """A hand-made metric: region-gt gains 0.05 more on seed 1 than random-50 does, so the
+    paired differences (0.10, 0.15) have a spread. HD95 is missing for scratch (every value
+    infinite in a real run) and infinite for random-50's seed 1."""
+    if metric == "hd95" and strategy == "scratch":
+        return None
+    if metric == "hd95" and strategy == "random-50" and seed == 1:
+        return float("inf")
+    extra = 0.05 * seed if strategy == "region-gt" else 0.0
+    return BASE[strategy] + 0.1 * seed + extra + 0.01 * index + (0.2 if evaluation == "seg" else 0.0)
+
+
+def write_fake_cells(run, config, value=fake_value) -> None:
+    """A cell.json per cell, as a finished run writes it (the current settings' fingerprint)."""
+    for cell in cells_of(config):
+        ratio = {"random-50": 0.5, "region-gt": 0.45 + 0.01 * cell.seed}.get(cell.strategy.name)
+        pre = None if ratio is None else {"ratio_overall": ratio, "ratio_salient": ratio,
+                                          "ratio_background": ratio, "seconds": 5.0,
+                                          "final_loss": 1.0, "encoder": "encoder.safetensors"}
+        evaluations = {item["name"]: {m: value(cell.strategy.name, cell.seed, item["name"], m, i)
+                                      for i, m in enumerate(task_of(item).metrics)}
+                       for item in config.evaluate}
+        write_json(cell.folder(run) / CELL_FILE,
+                   {"cell": cell.key, "strategy": cell.strategy.name,
+                    "masking": cell.strategy.masking, "seed": cell.seed,
+                    "fingerprint": cell_fingerprint(config, cell), "pretrain": pre,
+                    "evaluations": evaluations})
+
+
+def md_table(text: str, heading: str) -> tuple[list[str], dict[str, list[str]]]:
+    """(header, {strategy: cells}) of the Markdown table under ``## heading``."""
+    section = text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    split = lambda line: [c.strip() for c in line.strip("|").split("|")]
+    return split(lines[0]), {split(line)[0]: split(line) for line in lines[1:]}
+
+
+def test_results_report_every_metric_of_every_task_with_paired_deltas(tmp_path):
+    import cv2
+
+    config = parse_experiment({**TINY, "seeds": [0, 1], "evaluate": [LINEAR, SEG]})
+    run = tmp_path / "run"
+    write_fake_cells(run, config)
+    results = write_results(config, run, cells_of(config))
+    seg_metrics = task_of(SEG).metrics
+    assert results["tasks"] == {"linear": "linear-probe", "seg": "segment-probe"}
+    assert results["metrics"]["seg"] == list(seg_metrics) and results["missing"] == []
+
+    rows = {r["strategy"]: r for r in results["strategies"]}
+    for e, item in (("linear", LINEAR), ("seg", SEG)):
+        for i, metric in enumerate(task_of(item).metrics):
+            if metric == "hd95":
+                continue
+            region = [fake_value("region-gt", s, e, metric, i) for s in (0, 1)]
+            random = [fake_value("random-50", s, e, metric, i) for s in (0, 1)]
+            stats = rows["region-gt"]["evaluations"][e][metric]
+            assert stats["mean"] == pytest.approx(statistics.fmean(region)), (e, metric)
+            assert stats["std"] == pytest.approx(statistics.stdev(region))
+            diffs = [a - b for a, b in zip(region, random)]
+            assert stats["delta"] == pytest.approx(0.125) == pytest.approx(statistics.fmean(diffs))
+            assert stats["delta_std"] == pytest.approx(statistics.stdev(diffs))
+            assert stats["n"] == stats["n_paired"] == 2
+    # the primary's columns of earlier versions still hold the primary
+    assert rows["region-gt"]["seg_mean"] == rows["region-gt"]["evaluations"]["seg"]["dice"]["mean"]
+    assert rows["region-gt"]["linear_delta"] == pytest.approx(0.125)
+    # HD95: none for scratch, one finite seed of random-50, so one paired seed for region-gt
+    assert rows["scratch"]["evaluations"]["seg"]["hd95"]["mean"] is None
+    assert rows["random-50"]["evaluations"]["seg"]["hd95"]["n"] == 1
+    hd95 = rows["region-gt"]["evaluations"]["seg"]["hd95"]
+    index = seg_metrics.index("hd95")
+    assert hd95["n_paired"] == 1 and hd95["delta"] == pytest.approx(
+        fake_value("region-gt", 0, "seg", "hd95", index) - fake_value("random-50", 0, "seg", "hd95", index))
+
+    with open(run / "results.csv", newline="") as handle:
+        csv_rows = {r["strategy"]: r for r in csv.DictReader(handle)}
+    assert float(csv_rows["region-gt"]["seg_nsd_delta_std"]) == pytest.approx(
+        rows["region-gt"]["evaluations"]["seg"]["nsd"]["delta_std"])
+    assert float(csv_rows["region-gt"]["linear_balanced_accuracy_mean"]) == pytest.approx(
+        statistics.fmean([fake_value("region-gt", s, "linear", "balanced_accuracy", 1) for s in (0, 1)]))
+    assert csv_rows["scratch"]["seg_hd95_mean"] == ""
+    assert json.loads((run / "results.json").read_text())["strategies"][0]["evaluations"]["seg"]["hd95"]["mean"] is None
+
+    text = (run / "results.md").read_text()
+    assert "linear accuracy" in text.splitlines()[0] and "seg dice" in text.splitlines()[0]
+    header, table = md_table(text, "seg (task segment-probe, primary metric dice)")
+    assert header[:4] == ["strategy", "seeds", "realized mask ratio", "dice"]
+    assert set(seg_metrics) <= set(header) and {f"Δ {m}" for m in seg_metrics} <= set(header)
+    assert table["scratch"][header.index("hd95")] == "–"
+    assert table["random-50"][header.index("hd95")].endswith("(1 of 2 seeds)")
+    assert table["region-gt"][header.index("Δ nsd")] == "+0.125 ± 0.035"
+    assert table["region-gt"][header.index("realized mask ratio")] == "0.455"
+    header, table = md_table(text, "linear (task linear-probe, primary metric accuracy)")
+    assert "Δ macro_f1" in header and table["random-50"][header.index("Δ auroc")] == "+0.000 ± 0.000"
+
+    for e in ("linear", "seg"):  # one plot per evaluation, the combined one is gone
+        image = cv2.imread(str(run / "plots" / f"{e}.png"))
+        assert image is not None and image.shape[0] > 100, e
+    assert not (run / "accuracy_vs_ratio.png").exists()
+
+    # a cell.json left by other settings counts as missing; a dropped evaluation loses its plot
+    fewer = parse_experiment({**TINY, "seeds": [0, 1], "evaluate": [SEG]})
+    stale = cells_of(fewer)[0]
+    record = json.loads((stale.folder(run) / CELL_FILE).read_text())
+    write_fake_cells(run, fewer)
+    write_json(stale.folder(run) / CELL_FILE, record)
+    again = write_results(fewer, run, cells_of(fewer))
+    assert again["missing"] == [stale.key]
+    assert sorted(p.name for p in (run / "plots").iterdir()) == ["seg.png"]
+
+
+def _digest(path) -> tuple[int, str]:
+    return path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_changed_or_added_evaluation_reruns_alone(tmp_path, capsys):
+    """Pretraining is fingerprinted without the evaluations: changing one evaluation and
+    adding another reuse the encoder and the untouched evaluation; an interrupted
+    evaluation resumes in its folder. The report shows the segmentation's overlays."""
+    from mwm.report.html import render_report
+
+    evaluate = [{"name": "linear", "task": "linear-probe", "epochs": 2, "batch_size": 8},
+                {"name": "probe", "task": "segment-probe", "epochs": 1, "batch_size": 8,
+                 "decoder_width": 8, "overlays": 2}]
+    config = write_config(tmp_path / "exp.yaml", strategies=[TINY["strategies"][1]],
+                          reference=None, evaluate=evaluate)
+    out = tmp_path / "run"
+    assert run(config, out) == 0
+    cell = out / "cells" / "random-50" / "seed0"
+    pretrained = {name: _digest(cell / "pretrain" / name)
+                  for name in ("checkpoint.pt", "encoder.safetensors")}
+    probe_result = _digest(cell / "eval_probe" / "evaluation.json")
+    for name in ("linear", "probe"):
+        (cell / f"eval_{name}" / "marker.txt").write_text("from the first run")
+    capsys.readouterr()
+
+    changed = write_config(tmp_path / "exp2.yaml", strategies=[TINY["strategies"][1]],
+                           reference=None,
+                           evaluate=[{**evaluate[0], "epochs": 1}, evaluate[1],
+                                     {"name": "added", "task": "linear-probe", "epochs": 1,
+                                      "batch_size": 8}])
+    assert run(changed, out) == 0
+    text = capsys.readouterr().out
+    assert "pretraining reused" in text and "probe: dice" in text and "(reused)" in text
+    assert "up to date: " not in text and "pretrained in" not in text
+    assert {name: _digest(cell / "pretrain" / name) for name in pretrained} == pretrained
+    assert _digest(cell / "eval_probe" / "evaluation.json") == probe_result
+    assert (cell / "eval_probe" / "marker.txt").is_file()
+    assert not (cell / "eval_linear" / "marker.txt").exists()  # other settings: a fresh folder
+    record = json.loads((cell / CELL_FILE).read_text())
+    assert list(record["evaluations"]) == ["linear", "probe", "added"]
+    assert record["evaluations"]["linear"]["epochs"] == 1
+    assert json.loads((cell / "eval_added" / "evaluation.json").read_text())["metrics"] == \
+        record["evaluations"]["added"]
+    assert (out / "plots" / "added.png").is_file()
+
+    # an evaluation interrupted before its result (and so the cell's) was written resumes
+    # in place
+    (cell / "eval_probe" / "evaluation.json").unlink()
+    (cell / CELL_FILE).unlink()
+    assert run(changed, out) == 0
+    assert "probe: dice" in capsys.readouterr().out
+    assert (cell / "eval_probe" / "marker.txt").is_file()
+    resumed = json.loads((cell / "eval_probe" / "evaluation.json").read_text())["metrics"]
+    untimed = lambda metrics: {k: v for k, v in metrics.items() if k != "seconds"}
+    assert untimed(resumed) == untimed(record["evaluations"]["probe"])
+    assert {name: _digest(cell / "pretrain" / name) for name in pretrained} == pretrained
+
+    # the segment task's own overlays, one figure each, captioned with their DSC
+    page = render_report(out)
+    section = page.split("<h2>Segmentation: probe</h2>", 1)[1].split("<h2>", 1)[0]
+    captions = re.findall(r'<figcaption>(random-50, seed 0: [^<]+ \(val\), DSC [0-9.]+)</figcaption>',
+                          section)
+    assert len(captions) == 2 == len(list((cell / "eval_probe" / "overlays").glob("val_*.png")))

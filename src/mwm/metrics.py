@@ -231,3 +231,23 @@ def region_metrics(pred: Any, gt: Any, *, tolerance_px: float = 2.0,
     if include_hd95:
         out["hausdorff95"] = hausdorff95(p, g, spacing)
     return out
+
+
+# --------------------------------------------------------------------------- scores
+
+def binary_auroc(scores_n, positive_n) -> float:
+    """Exact AUROC = P(score of a positive > score of a negative) + ½ P(tie).
+
+    Mann–Whitney U from average ranks; raises ValueError without both positives and negatives.
+    """
+    from scipy.stats import rankdata
+
+    scores = np.asarray(scores_n, dtype=np.float64).ravel()
+    positive = np.asarray(positive_n, dtype=bool).ravel()
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUROC needs at least one positive and one negative")
+    ranks = rankdata(scores, method="average")
+    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))

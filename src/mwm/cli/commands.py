@@ -68,7 +68,7 @@ def main_rank() -> bool:
 # --------------------------------------------------------------------------- data
 
 #: What makes a phantom set: a folder of phantoms is rewritten only with the same values.
-PHANTOM_SETTINGS = ("modality", "n", "size", "seed", "bit_depth", "class_folders")
+PHANTOM_SETTINGS = ("modality", "n", "size", "seed", "bit_depth", "class_folders", "findings")
 
 
 def run_phantoms(cfg, opts) -> int:
@@ -84,7 +84,8 @@ def run_phantoms(cfg, opts) -> int:
     with RunManifest(cfg.out, "phantoms", settings(cfg), cfg.seed) as run:
         summary = generate_phantoms(cfg.out, modality=cfg.modality, n=cfg.n, size=cfg.size,
                                     seed=cfg.seed, bit_depth=cfg.bit_depth, workers=cfg.workers,
-                                    class_folders=cfg.class_folders, progress=not cfg.quiet)
+                                    class_folders=cfg.class_folders, findings=cfg.findings,
+                                    progress=not cfg.quiet)
         run.add(class_counts=summary.class_counts, split_counts=summary.split_counts,
                 seconds=summary.seconds)
         write_phantom_sheet(cfg.out, cfg.modality)
@@ -147,16 +148,20 @@ def run_localize(cfg, opts) -> int:
                              prompts, cfg.prompt, source=source)
         post = PostprocessConfig(method=cfg.method, threshold=cfg.threshold, top_k=cfg.top_k)
         tune = TuneSpec(val, post, cfg.tune_images, cfg.m2ib.seed, published=cfg.published)
+    contrast = cfg.contrast_rule()
+    presence = cfg.presence_spec(samples, tune, contrast)
     dist = torchrun_env()
     manifest = _on_main_rank(cfg.out, "localize", cfg, cfg.m2ib.seed)
     if isinstance(manifest, RunManifest):  # listed from the start: postprocess reads these maps and no stray file
-        manifest.add(outputs=[f"{sample.name}.png" for sample in samples])
+        manifest.add(outputs=cfg.outputs(samples))
     with manifest as run:
         summary = localize(samples, cfg.out, model=cfg.model, m2ib=cfg.m2ib, tune=tune,
+                           contrast=contrast, presence=presence,
                            device=cfg.device, trust_remote_code=cfg.trust_remote_code,
                            shard_of=(dist.rank, dist.world), progress=not cfg.quiet)
         if run:
-            run.add(**summary.to_dict(), m2ib=summary.m2ib)
+            run.add(**summary.to_dict(), m2ib=summary.m2ib, contrast=summary.contrast,
+                    presence=summary.presence)
     if summary.tune_rows:
         m2ib, rows = summary.m2ib, summary.tune_rows
         print(f"tuned on {rows[0]['n_images']} validation images: best beta {m2ib['beta']}, "
@@ -165,6 +170,10 @@ def run_localize(cfg, opts) -> int:
               f"(DSC {max(r['dice_mean'] for r in rows):.3f}); table in {cfg.out}/tune_table.csv")
     print(f"{summary.n_written} saliency maps written, {summary.n_skipped} up to date (skipped), "
           f"into {cfg.out}")
+    if summary.presence:
+        found = summary.presence
+        print(f"presence: {found['n_absent']} of {found['n_images']} images found absent "
+              f"(score < {found['threshold']:.4f}, from {found['source']}); {cfg.out}/presence.csv")
     return finish(dataset.problems + summary.failures, "image")
 
 
@@ -181,6 +190,9 @@ def run_postprocess(cfg, opts) -> int:
         run.add(**{k: v for k, v in summary.items() if k != "config"})
     print(f"wrote {summary['n_written']} region masks to {cfg.out}"
           + (f" and boxes to {cfg.boxes_out}" if cfg.boxes_out else ""))
+    if summary["presence"]:
+        print(f"{summary['n_absent']} of them empty: the finding was found absent "
+              f"({summary['presence']})")
     if summary["ignored"]:
         print(f"ignored {len(summary['ignored'])} file(s) in {cfg.saliency} that `mwm localize` "
               f"did not list as its maps: {', '.join(summary['ignored'][:5])}", file=sys.stderr)
@@ -208,13 +220,23 @@ def run_evaluate(cfg, opts) -> int:
     claim_folder(out, "evaluate", overwrite=opts.overwrite)
     with RunManifest(out, "evaluate", settings(cfg)) as run:
         summary = evaluate_folders(cfg.pred, cfg.gt, out, tolerance_px=cfg.tolerance,
-                                   progress=not cfg.quiet)
-        run.add(n_gt=summary["n_gt"], n_missing=summary["n_missing"], metrics=summary["metrics"])
+                                   presence=cfg.presence, progress=not cfg.quiet)
+        run.add(n_gt=summary["n_gt"], n_missing=summary["n_missing"], metrics=summary["metrics"],
+                empty_regions=summary["empty_regions"], presence=summary["presence"])
     print(f"{summary['n_gt']} ground-truth masks, {summary['n_missing']} without prediction "
           f"(scored as empty), {summary['n_failed']} failed")
     for name, stats in summary["metrics"].items():
         if stats["mean"] is not None:
             print(f"  {name:14s} {stats['mean']:.4f} ± {stats['std']:.4f}")
+    empty, found = summary["empty_regions"], summary["presence"]
+    if empty["n_empty_gt"]:
+        print(f"  empty ground truth: {empty['n_empty_prediction']} of {empty['n_empty_gt']} "
+              f"got an empty region ({empty['fraction']:.4f})")
+    if found:
+        shown = {k: "n/a" if found[k] is None else f"{found[k]:.4f}"
+                 for k in ("precision", "recall", "auroc")}
+        print(f"  presence ({found['n']} images): precision {shown['precision']}, recall "
+              f"{shown['recall']}, AUROC {shown['auroc']}")
     print(f"per-image table and summary: {out}")
     return finish(summary["failures"], "image")
 
@@ -294,21 +316,28 @@ def run_finetune(cfg, opts) -> int:
 
 
 def run_segment(cfg, opts) -> int:
-    from ..downstream.segment import REPORTED, segment
+    from ..downstream.segment import REPORTED, refuse_training_out, segment
     from ..downstream.weights import LAST
 
-    claim_training_folder(cfg, opts, "segment", LAST, cfg.resume)
+    claim_training_folder(cfg, opts, "segment", LAST, cfg.resume or cfg.eval_only)
+    if cfg.eval_only:  # before the manifest: a training run's own would be replaced
+        refuse_training_out(cfg.out)
     with _on_main_rank(cfg.out, "segment", cfg) as manifest:
         summary = segment(cfg)
         if manifest:
             manifest.add(best=summary.get("best"), last=summary.get("last"),
-                         eval_split=summary.get("eval_split"))
+                         eval_split=summary.get("eval_split"), eval_only=cfg.eval_only,
+                         ranks_agree=summary.get("ranks_agree"))
     if main_rank():
+        how = f"{summary['mode']}{', eval only' if cfg.eval_only else ''}"
         for split, metrics in summary["last"].items():
             shown = {k: metrics[k] for k in REPORTED if isinstance(metrics.get(k), (int, float))}
-            print(f"segment ({cfg.mode}) on {split}: "
+            print(f"segment ({how}) on {split}: "
                   + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
         print(f"outputs: {cfg.out}")
+    if summary.get("ranks_agree") is False:
+        print("error: distributed ranks ended with different weights or metrics", file=sys.stderr)
+        return EXIT_FAILURES
     return EXIT_OK
 
 

@@ -280,13 +280,7 @@ def brain_anatomy(rng: np.random.Generator, size: int) -> Anatomy:
     vs = rng.uniform(0.8, 1.3)
     vc = rng.uniform(-0.12, -0.04)
     tilt = rng.uniform(0.25, 0.45)
-    d = 0.055 * vs ** 0.5
-    vent = ((inside(g, -d, vc - 0.07 * vs, 0.04 * vs, 0.1 * vs, -tilt))
-            | (inside(g, d, vc - 0.07 * vs, 0.04 * vs, 0.1 * vs, tilt))
-            | (inside(g, -d - 0.02, vc + 0.1 * vs, 0.032 * vs, 0.11 * vs, 0.15))
-            | (inside(g, d + 0.02, vc + 0.1 * vs, 0.032 * vs, 0.11 * vs, -0.15))
-            | (inside(g, -d - 0.07, vc + 0.27 * vs, 0.03 * vs, 0.08 * vs, 0.5))
-            | (inside(g, d + 0.07, vc + 0.27 * vs, 0.03 * vs, 0.08 * vs, -0.5)))
+    vent = ventricle_shape(g, vs, vc, tilt)
     img = np.where(vent, F32(vent_v), img)
     # interhemispheric fissure (falx) in front of and behind the ventricles
     fis_v = (g.v < F32(vc - 0.2 * vs)) | (g.v > F32(vc + 0.36 * vs))
@@ -295,9 +289,27 @@ def brain_anatomy(rng: np.random.Generator, size: int) -> Anatomy:
     img = blur(img, 0.55 * k)
 
     linear, shift = _pose(rng, 10.0, (0.8, 0.9), (0.94, 1.02), 0.03)
-    return Anatomy(img, {"brain": brain, "intracranial": intracranial}, linear, shift,
-                   cv2.BORDER_CONSTANT, 0.0,
-                   {"coef": coef, "inner": inner, "surface": float(inner - t_csf)})
+    skull = (r < bone_out) & ~intracranial          # outer and inner tables with the diploe
+    organs = {"brain": brain, "intracranial": intracranial, "ventricles": vent, "skull": skull}
+    return Anatomy(img, organs, linear, shift, cv2.BORDER_CONSTANT, 0.0,
+                   {"coef": coef, "inner": inner, "surface": float(inner - t_csf),
+                    "ventricles": {"vs": vs, "vc": vc, "tilt": tilt, "value": vent_v},
+                    "blur_px": 0.55 * k})
+
+
+def ventricle_shape(g: Grid, vs: float, vc: float, tilt: float,
+                    wide: float = 1.0) -> np.ndarray:
+    """Lateral ventricles (frontal horns diverging anteriorly, bodies, occipital horns) of
+    scale ``vs`` centred at row ``vc``, their widths times ``wide``; bool (S, S),
+    canonical frame."""
+    d = 0.055 * vs ** 0.5
+    w = vs * wide                     # == vs for the normal ventricles (x * 1.0 is exact)
+    return ((inside(g, -d, vc - 0.07 * vs, 0.04 * w, 0.1 * vs, -tilt))
+            | (inside(g, d, vc - 0.07 * vs, 0.04 * w, 0.1 * vs, tilt))
+            | (inside(g, -d - 0.02, vc + 0.1 * vs, 0.032 * w, 0.11 * vs, 0.15))
+            | (inside(g, d + 0.02, vc + 0.1 * vs, 0.032 * w, 0.11 * vs, -0.15))
+            | (inside(g, -d - 0.07, vc + 0.27 * vs, 0.03 * w, 0.08 * vs, 0.5))
+            | (inside(g, d + 0.07, vc + 0.27 * vs, 0.03 * w, 0.08 * vs, -0.5)))
 
 
 def _lung_shape(g: Grid, side: int, cu: float, cv: float, au: float, av: float,
@@ -862,6 +874,139 @@ _PAINTERS = {
     ("chest-xray", "nodule"): _xr_nodule,
     ("chest-xray", "mass"): _xr_mass,
     ("chest-xray", "consolidation"): _xr_consolidation,
+}
+
+
+# --------------------------------------------------------------------------- extra findings
+# The findings a multi-finding phantom adds to its class lesion (mwm.data.findings). Each
+# painter changes ``img`` only inside the mask of the Lesion it returns, and never inside
+# ``taken`` (the class lesion and the findings drawn before it, grown by two pixels).
+
+HEMORRHAGE_AREA = (0.008, 0.018)       # fraction of the final image
+HEMORRHAGE_DEEP = 0.5                  # chance of a deep (basal ganglia, thalamus) site
+# Enlarged ventricles: scale and extra width beyond any normal ventricles (scale 0.8-1.3),
+# so that they never pass for normal ones; the scale's top keeps them off the cortex.
+VENTRICLE_SCALE = (1.55, 1.8)
+VENTRICLE_WIDTH = (1.25, 1.5)
+SEPTUM = 0.012                         # half-width of the septum left between the horns
+
+
+def draw_finding(rng: np.random.Generator, modality: str, name: str, img: np.ndarray,
+                 anat: Anatomy, size: int, avoid: list[Lesion],
+                 taken: np.ndarray) -> Lesion | None:
+    """Paint one extra finding onto ``img`` (canonical frame, in place); None when it finds
+    no room. Chest findings are one lesion of the class painter of the same name."""
+    g = grid(size)
+    painter = _FINDING_PAINTERS.get((modality, name))
+    if painter is not None:
+        return painter(rng, g, img, anat, avoid, taken)
+    lo, hi = AREA[(modality, name)]
+    area_px = rng.uniform(lo, hi) * size * size / anat.det
+    return _PAINTERS[(modality, name)](rng, g, img, anat, area_px, avoid, taken)
+
+
+def finding_min_fraction(modality: str, name: str) -> float:
+    """The least fraction of the final image a drawn extra finding may keep (half its
+    smallest area target; 0 for those drawn without one), else it is drawn again."""
+    if (modality, name) == ("brain-mri", "hemorrhage"):
+        return HEMORRHAGE_AREA[0] / 2
+    return AREA[(modality, name)][0] / 2 if (modality, name) in AREA else 0.0
+
+
+def _disc(radius_px: float) -> np.ndarray:
+    r = max(1, math.ceil(radius_px))
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+
+
+def _parenchyma(g: Grid, anat: Anatomy, taken: np.ndarray, margin: float = 0.1) -> np.ndarray:
+    """Brain tissue at least ``margin`` (normalized) below the brain surface, clear of the
+    ventricles (by three pixels) and of ``taken``."""
+    deep = distance_inside(anat.organs["brain"]) > margin * g.half
+    near_vent = cv2.dilate(anat.organs["ventricles"].astype(np.uint8), _disc(3.0)).astype(bool)
+    return deep & ~near_vent & ~taken
+
+
+def _enlarged_ventricles(rng, g, img, anat, avoid, taken):
+    """Ventriculomegaly: the lateral ventricles redrawn larger, CSF-dark with the anatomy's
+    soft edge. The mask is the ventricles as they now look (old outline included)."""
+    info = anat.info["ventricles"]
+    big = ventricle_shape(g, rng.uniform(*VENTRICLE_SCALE), info["vc"], info["tilt"],
+                          rng.uniform(*VENTRICLE_WIDTH))
+    big &= np.abs(g.u) > F32(SEPTUM)
+    paint = big & (distance_inside(anat.organs["brain"]) > 0.06 * g.half) & ~taken
+    if not (paint & ~anat.organs["ventricles"]).any():
+        return None
+    # blur of the painted shape, cut to it: the edge softness of the drawn anatomy
+    alpha = blur(paint.astype(F32), anat.info["blur_px"]) * paint
+    img += (F32(info["value"]) - img) * alpha
+    mask = paint | anat.organs["ventricles"]
+    ys, xs = np.nonzero(mask)
+    return Lesion(mask, (float(g.u[0, int(xs.mean())]), float(g.v[int(ys.mean()), 0])))
+
+
+def _calcification(rng, g, img, anat, avoid, taken):
+    """A cluster of 3-6 tiny very bright dots in the deep parenchyma. The mask is the
+    cluster: the convex hull of the dots, grown to cover them plus one pixel."""
+    k = g.size / 128.0
+    spread = rng.uniform(0.05, 0.08)                     # cluster radius, normalized
+    n_dots = int(rng.integers(3, 7))
+    radius_px = max(0.75, rng.uniform(0.9, 1.3) * k)
+    value = F32(rng.uniform(0.95, 1.0))
+    region = _parenchyma(g, anat, taken)
+    center = _pick_center(rng, g, region, 1.3 * spread * g.half, avoid,
+                          2.5 * spread * g.half + 4.0)
+    if center is None:
+        return None
+    # candidate offsets in a disc; keep those far enough apart to read as separate dots
+    ang = rng.uniform(0.0, 2 * math.pi, 6 * n_dots)
+    rad = spread * np.sqrt(rng.uniform(0.0, 1.0, 6 * n_dots))
+    cand = np.stack([center[0] + rad * np.cos(ang), center[1] + rad * np.sin(ang)], axis=1)
+    sep = (2.6 * radius_px + 1.0) / g.half
+    pts: list[np.ndarray] = []
+    for p in cand:
+        if all(np.hypot(*(p - q)) >= sep for q in pts):
+            pts.append(p)
+        if len(pts) == n_dots:
+            break
+    pts_uv = np.array(pts)
+    hull = np.zeros((g.size, g.size), np.uint8)
+    px = np.round(g.to_px(pts_uv) * _ONE).astype(np.int32)
+    cv2.fillConvexPoly(hull, cv2.convexHull(px), 1, cv2.LINE_8, _SHIFT)
+    mask = cv2.dilate(hull, _disc(radius_px + 1.5)).astype(bool)
+    mask &= anat.organs["brain"] & ~taken
+    layer = dots(g, pts_uv, radius_px) * mask
+    img += (value - img) * layer
+    return Lesion(mask, center)
+
+
+def _hemorrhage(rng, g, img, anat, avoid, taken):
+    """A subacute intraparenchymal hematoma as T1 shows it: a smooth homogeneous bright
+    ovoid (methaemoglobin) with a thin dark rim (haemosiderin) in the deep parenchyma;
+    the reverse of a glioma's bright rim around a dark core, and smooth where it is
+    lobulated."""
+    area_px = rng.uniform(*HEMORRHAGE_AREA) * g.size * g.size / anat.det
+    blob = Blob.random(rng, 0.03, aspect=0.35)
+    region = _parenchyma(g, anat, taken)
+    deep = region & (g.rho < F32(0.38))
+    if rng.random() < HEMORRHAGE_DEEP and deep.any():
+        region = deep
+    center, fp = _place(rng, g, region, area_px, avoid, taken, blob, need=1.0)
+    if center is None:
+        return None
+    core_v = F32(rng.uniform(0.86, 0.94))
+    rim_v = F32(rng.uniform(0.04, 0.1))
+    rim_start = F32(1.0 - rng.uniform(0.18, 0.26))
+    to_rim = np.clip((fp.q - (rim_start - F32(0.08))) * F32(1 / 0.08), 0.0, 1.0)
+    val = core_v * (1.0 + 0.015 * _texture(rng, fp.q.shape, 4))
+    val = val + (rim_v - val) * to_rim
+    _paint(img, fp, _profile(fp.q, 0.1), val)
+    return Lesion(fp.mask, center)
+
+
+_FINDING_PAINTERS = {
+    ("brain-mri", "enlarged-ventricles"): _enlarged_ventricles,
+    ("brain-mri", "calcification"): _calcification,
+    ("brain-mri", "hemorrhage"): _hemorrhage,
 }
 
 

@@ -6,10 +6,16 @@ lists every problem: each image's row names all of its problems (unreadable, no 
 the paired mask folder, no prompt), and files that give no image (a 4-D NIfTI, a corrupt
 header) and duplicate names are listed too, where other commands refuse them. The exit
 status is non-zero when anything failed.
+
+A manifest folder with a ``findings.csv`` (``mwm phantoms --findings multi``) is also
+checked finding by finding: each listed mask is read (it must exist, have its image's
+size, and be empty exactly when the finding is absent), and the report counts the images
+with each finding, per split.
 """
 
 from __future__ import annotations
 
+import csv
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +26,12 @@ from ..files import write_csv, write_json
 from ..progress import progress as progress_bar
 from ..config import opt
 from ..errors import DataError
-from .io import DEFAULT_AXIS, read_mask, read_slice
-from .layouts import Sample, load_prompts, missing_mask, no_prompt, open_dataset, prompt_of
+from .findings import FINDINGS_COLUMNS
+from .io import DEFAULT_AXIS, read_mask, read_slice, stem_of
+from .layouts import SPLITS, Sample, load_prompts, missing_mask, no_prompt, open_dataset, prompt_of
 
 ROW_FIELDS = ("name", "path", "width", "height", "kind", "min", "max", "label", "split",
-              "mask", "mask_fraction", "prompt", "error")
+              "mask", "mask_fraction", "prompt", "findings", "error")
 
 
 @dataclass
@@ -33,6 +40,8 @@ class InspectReport:
     layout: str
     classes: list[str]
     rows: list[dict] = field(default_factory=list)
+    # findings.csv, when there is one: name -> {"kind", "present", "by_split"}
+    findings: dict[str, dict] | None = None
 
     @property
     def failures(self) -> list[dict]:
@@ -49,6 +58,7 @@ class InspectReport:
             "sizes": dict(sizes.most_common(5)),
             "with_mask": sum(1 for row in ok if row["mask"]),
             "empty_masks": sum(1 for row in ok if row["mask"] and row["mask_fraction"] == 0),
+            **({"findings": self.findings} if self.findings is not None else {}),
         }
 
     def text(self) -> str:
@@ -63,6 +73,11 @@ class InspectReport:
             lines.append("splits: " + ", ".join(f"{k} {v}" for k, v in s["split_counts"].items()))
         if s["with_mask"]:
             lines.append(f"masks: {s['with_mask']} ({s['empty_masks']} empty)")
+        for name, count in (self.findings or {}).items():
+            splits = ", ".join(f"{k} {v}" for k, v in count["by_split"].items())
+            lines.append(f"{count['kind']} {name}: {count['present']} "
+                         f"image{'' if count['present'] == 1 else 's'}"
+                         + (f" ({splits})" if splits else ""))
         for row in self.failures[:20]:
             lines.append(f"FAILED {row['error']}")
         if len(self.failures) > 20:
@@ -100,6 +115,11 @@ def inspect_dataset(source: str | Path, *, masks: str | Path | None = None,
                                unit="img", enabled=progress):
         report.rows.append(_inspect_one(sample, prompt_map, str(prompts), dataset.masks))
     _add_problems(report.rows, dataset.problems)
+    if dataset.layout == "manifest":
+        source = Path(source)
+        table = (source if source.is_dir() else source.parent) / "findings.csv"
+        if table.is_file():
+            _add_findings(report, table)
     return report
 
 
@@ -155,3 +175,64 @@ def _add_problems(rows: list[dict], problems: list[dict]) -> None:
         if not named:
             rows.append({**dict.fromkeys(ROW_FIELDS, ""), "name": found["name"],
                          "path": found["file"], "error": found["reason"]})
+
+
+def _add_findings(report: InspectReport, table: Path) -> None:
+    """Check the finding masks listed in ``table`` (findings.csv) and count the findings;
+    a problem joins the row of its image (or is a row of its own)."""
+    with open(table, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in FINDINGS_COLUMNS if c not in (reader.fieldnames or [])]
+        entries = list(reader) if not missing else []
+    if missing:
+        _add_problems(report.rows, [{"name": table.name, "file": str(table), "reason": (
+            f"{table}: columns {', '.join(missing)} missing; expected "
+            f"{','.join(FINDINGS_COLUMNS)} (as `mwm phantoms --findings multi` writes).")}])
+        return
+    rows = {row["name"]: row for row in report.rows}
+    counts: dict[str, dict] = {}
+    for entry in entries:
+        name, finding = stem_of(entry["image"]), entry["finding"]
+        count = counts.setdefault(finding, {"kind": entry["kind"], "present": 0, "by_split": {}})
+        row = rows.get(name)
+        if row is None:
+            _add_problems(report.rows, [{"name": name, "file": str(table), "reason": (
+                f"{table}: lists {entry['image']}, which the manifest does not hold.")}])
+            continue
+        present = _finding_problem(row, entry, table.parent)
+        if present:
+            count["present"] += 1
+            if row["split"]:
+                count["by_split"][row["split"]] = count["by_split"].get(row["split"], 0) + 1
+            row["findings"] = ";".join(n for n in (row["findings"], finding) if n)
+    order = {s: i for i, s in enumerate(SPLITS)}
+    for count in counts.values():
+        count["by_split"] = dict(sorted(count["by_split"].items(),
+                                        key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+    report.findings = counts
+
+
+def _finding_problem(row: dict, entry: dict, root: Path) -> bool:
+    """Whether the finding of ``entry`` is present; its mask's problem joins ``row``."""
+    mask_path = root / entry["mask"]
+    present = entry["present"].strip() == "1"
+    problem = ""
+    if entry["present"].strip() not in ("0", "1"):
+        problem = f"{entry['image']}: present must be 0 or 1 for {entry['finding']}, got " \
+                  f"{entry['present']!r} (findings.csv)"
+    elif not mask_path.is_file():
+        problem = f"{mask_path}: mask of finding {entry['finding']} missing (listed in findings.csv)"
+    else:
+        shape = (row["height"], row["width"]) if row["width"] != "" else None
+        try:
+            region = read_mask(mask_path, shape=shape)
+        except DataError as err:
+            problem = str(err)
+        else:
+            if region.any() != present:
+                problem = (f"{mask_path}: mask is {'empty' if present else 'not empty'} but "
+                           f"findings.csv says {entry['finding']} is "
+                           f"{'present' if present else 'absent'}")
+    if problem:
+        row["error"] = " | ".join(e for e in (row["error"], problem) if e)
+    return present

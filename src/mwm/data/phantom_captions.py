@@ -160,3 +160,114 @@ def phantom_caption(rng: np.random.Generator, modality: str, label: str,
     template = str(rng.choice(_TEMPLATES))
     return template.format(mod=mod, mod_l=mod[0].lower() + mod[1:], desc=desc,
                            desc_cap=desc[0].upper() + desc[1:], loc=loc, dx=dx)
+
+
+# --------------------------------------------------------------------------- multi-finding
+# Captions of multi-finding phantoms (mwm.data.findings): an image's caption names some of
+# its findings (not always all), in varied words, sometimes with negations of absent ones
+# and a word on the anatomy; a finding caption names one present finding only.
+
+MENTION_PROBABILITY = 0.7      # each present finding is named in the caption ...
+LOCATION_PROBABILITY = 0.5     # ... with its place
+NEGATION_PROBABILITY = 0.3     # each absent finding is said to be absent
+NORMAL_NEGATION_PROBABILITY = 0.5  # ... in an image with no finding at all
+ANATOMY_PROBABILITY = 0.3      # one sentence on the anatomy
+CLASS_WORD_PROBABILITY = 0.4   # the class lesion named by its class ("glioma")
+
+_NORMAL_LEADS = ["{mod} without focal abnormality.", "Unremarkable {mod_l}.",
+                 "{mod}: no acute finding.", "{mod} within normal limits."]
+_MULTI_LEADS = ["{mod} showing {items}.", "{mod} demonstrates {items}.",
+                "{items_cap} on {mod_l}.", "{mod}: {items}.", "Findings: {items}."]
+_FINDING_TEMPLATES = ["{item_cap}.", "{mod} showing {item}.", "{mod} with {item}.",
+                      "{item_cap} on {mod_l}."]
+_ANATOMY_SENTENCES = {
+    "skull": ["The skull is intact.", "Calvarium unremarkable.", "Intact skull vault."],
+    "ventricles": ["The lateral ventricles are symmetric.", "Ventricular system midline."],
+    "lungs": ["Both lungs are well expanded.", "Normal lung volumes.",
+              "The lungs are symmetric in volume."],
+}
+
+
+def _cap(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def _join(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _extra_location(modality: str, uv: tuple[float, float], anat, rng) -> str:
+    """Where an extra finding lies: deep brain structures near the centre, else a lobe
+    (brain); a lung zone or region (chest)."""
+    u, v = uv
+    if modality == "brain-mri":
+        side = _side(u, 0.08)
+        if side is not None and np.hypot(u, v) < 0.32:
+            return str(rng.choice([f"in the {side} basal ganglia",
+                                   f"deep in the {side} hemisphere"]))
+        return _location(modality, "glioma", uv, anat, rng)
+    return _location(modality, "", uv, anat, rng)
+
+
+def _name_finding(rng, modality: str, label: str, finding, centers, anat,
+                  place: bool) -> str:
+    """One finding in words: a synonym (the class word sometimes), maybe its place."""
+    words = finding.class_words.get(label, ())
+    if len(centers) > 1 and finding.plurals:
+        item = str(rng.choice(finding.plurals))
+    elif words and rng.random() < CLASS_WORD_PROBABILITY:
+        item = str(rng.choice(words))
+    else:
+        item = str(rng.choice(finding.synonyms))
+    if place and centers and len(centers) == 1:
+        if finding.classes and label in finding.classes:
+            item += " " + _location(modality, label, centers[0], anat, rng)
+        elif finding.name != "enlarged-ventricles":
+            item += " " + _extra_location(modality, centers[0], anat, rng)
+    return item
+
+
+def _modality_words(rng, modality: str) -> tuple[str, str]:
+    mod = str(rng.choice(_MODALITY_WORDS[modality]))
+    return mod, mod[0].lower() + mod[1:]
+
+
+def multi_caption(rng: np.random.Generator, modality: str, label: str, findings,
+                  present: dict[str, bool], centers: dict, anat) -> str:
+    """The caption of a multi-finding image. ``findings``: the modality's Finding list;
+    ``present``: name -> present; ``centers``: name -> canonical centres."""
+    lesions = [f for f in findings if f.kind == "finding"]
+    here = [f for f in lesions if present[f.name]]
+    named = [f for f in here if rng.random() < MENTION_PROBABILITY]
+    if here and not named:
+        named = [here[int(rng.integers(len(here)))]]
+    named = [named[i] for i in rng.permutation(len(named))]
+    mod, mod_l = _modality_words(rng, modality)
+    if named:
+        items = [_name_finding(rng, modality, label, f, centers.get(f.name, []), anat,
+                               rng.random() < LOCATION_PROBABILITY) for f in named]
+        text = _join(items)
+        lead = str(rng.choice(_MULTI_LEADS)).format(mod=mod, mod_l=mod_l, items=text,
+                                                    items_cap=_cap(text))
+    else:
+        lead = str(rng.choice(_NORMAL_LEADS)).format(mod=mod, mod_l=mod_l)
+    chance = NEGATION_PROBABILITY if here else NORMAL_NEGATION_PROBABILITY
+    absent = [f for f in lesions if not present[f.name] and f.negations]
+    negs = [str(rng.choice(f.negations)) for f in absent if rng.random() < chance]
+    tail = [_cap(", ".join(negs)) + "."] if negs else []
+    if rng.random() < ANATOMY_PROBABILITY:
+        anatomy = [f.name for f in findings if f.kind == "anatomy" and f.name in _ANATOMY_SENTENCES]
+        if anatomy:
+            tail.append(str(rng.choice(_ANATOMY_SENTENCES[str(rng.choice(anatomy))])))
+    tail = [tail[i] for i in rng.permutation(len(tail))]
+    return " ".join([lead] + tail)
+
+
+def finding_caption(rng: np.random.Generator, modality: str, label: str, finding,
+                    centers, anat) -> str:
+    """A short caption of one present finding that names that finding only."""
+    item = _name_finding(rng, modality, label, finding, centers, anat,
+                         rng.random() < LOCATION_PROBABILITY)
+    mod, mod_l = _modality_words(rng, modality)
+    return str(rng.choice(_FINDING_TEMPLATES)).format(item=item, item_cap=_cap(item),
+                                                      mod=mod, mod_l=mod_l)

@@ -8,6 +8,9 @@ field and noise come from independent random streams; :mod:`mwm.data.anatomy`); 
 ``index`` of ``(modality, seed)`` is the same for any ``n``, number of workers and run,
 and the same arguments write byte-identical files.
 
+``findings="multi"`` adds, from random streams of their own, other findings present
+independently and named anatomy, each with its own mask (:mod:`mwm.data.findings`).
+
 The classes, the conventions (radiological orientation, intensity scales, masks) and the
 files written are described in ``docs/phantoms.md``.
 """
@@ -21,7 +24,7 @@ import os
 import re
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -29,11 +32,14 @@ import cv2
 import numpy as np
 
 from ..config import opt
-from .phantom_captions import phantom_caption
+from .findings import (FINDING_CAPTION_COLUMNS, FINDING_MODES, FINDINGS, FINDINGS_COLUMNS,
+                       MAX_EXTRA, PRESENCE_PROBABILITY, Finding, FindingMaps, check_findings,
+                       draw_findings, finding_names, presence_rates)
+from .phantom_captions import finding_caption, multi_caption, phantom_caption
 from .phantom_coco import coco_dataset, coco_instance
+from .phantom_files import clean_up
 
-from mwm.files import (atomic_path, safe_child, write_bytes, write_csv, write_json, write_png,
-                       write_text)
+from mwm.files import safe_child, write_csv, write_json, write_png, write_text
 from mwm.progress import progress as _progress
 
 from . import anatomy as _anat
@@ -64,9 +70,10 @@ INTENSITY_CONVENTION = {
 ORIENTATION = ("radiological: patient's left on the image right; anterior at the top "
                "(axial MRI/CT); PA chest radiograph with the head at the top")
 
+_STEM_RE = re.compile(r"^(?:%s)_\d{5,}\.png$" % "|".join(re.escape(m) for m in MODALITIES))
 _TAGS = {m: zlib.crc32(m.encode("ascii")) for m in MODALITIES}
 _SPLIT_TAG = zlib.crc32(b"mwm-phantom-split")
-_STEM_RE = re.compile(r"^(?:%s)_\d{5,}\.png$" % "|".join(re.escape(m) for m in MODALITIES))
+_FINDINGS_TAG = zlib.crc32(b"mwm-phantom-findings")
 
 
 @dataclass
@@ -80,6 +87,14 @@ class Phantom:
     stem: str
     modality: str = ""
     index: int = 0
+    # multi-finding samples only (findings="multi"): every finding's final-frame mask
+    # (bool, empty when absent) and a caption naming each present finding alone
+    finding_masks: dict[str, np.ndarray] = field(default_factory=dict)
+    finding_captions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def present(self) -> dict[str, bool]:
+        return {name: bool(m.any()) for name, m in self.finding_masks.items()}
 
     @property
     def mask(self) -> np.ndarray:
@@ -152,26 +167,43 @@ def _streams(modality: str, seed: int, index: int) -> list[np.random.Generator]:
     return [np.random.default_rng(s) for s in ss.spawn(5)]
 
 
+def _finding_streams(modality: str, seed: int, index: int) -> tuple:
+    """Streams of the multi-finding additions, independent of the five above (their own
+    entropy, so a single-finding sample is untouched): presence, caption, and per finding
+    one for drawing it and one for its finding caption."""
+    names = finding_names(modality)
+    ss = np.random.SeedSequence([seed, _TAGS[modality], index, _FINDINGS_TAG])
+    rngs = [np.random.default_rng(s) for s in ss.spawn(2 + 2 * len(names))]
+    draw = dict(zip(names, rngs[2:2 + len(names)]))
+    text = dict(zip(names, rngs[2 + len(names):]))
+    return rngs[0], rngs[1], draw, text
+
+
 def _stem(modality: str, index: int, width: int = 5) -> str:
     return f"{modality}_{index:0{width}d}"
 
 
 def render_phantom(modality: str, size: int, seed: int, index: int,
-                   bit_depth: int = 8) -> Phantom:
+                   bit_depth: int = 8, findings: str = FINDING_MODES[0]) -> Phantom:
     """Render sample ``index`` of the ``(modality, seed)`` phantom series, in memory.
 
     Pure: no files, no global state; the same arguments always give the same sample.
+    ``findings="multi"`` adds the other findings of :mod:`mwm.data.findings` (the image
+    is the single-finding one apart from their pixels).
     """
     _check_common(modality, size, bit_depth)
+    check_findings(findings)
     seed = _check_int("seed", seed, 0)
     index = _check_int("index", index, 0)
-    return _render(modality, int(size), seed, index, bit_depth)
+    return _render(modality, int(size), seed, index, bit_depth, findings=findings)
 
 
 def _render(modality: str, size: int, seed: int, index: int, bit_depth: int,
-            label: str | None = None, width: int = 5) -> Phantom:
+            label: str | None = None, width: int = 5, findings: str = FINDING_MODES[0],
+            extras: Sequence[str] | None = None) -> Phantom:
     """Render one sample; ``label`` forces the class (tests use it to show the anatomy
-    does not depend on the class)."""
+    does not depend on the class), ``extras`` the extra findings of a multi-finding
+    sample (tests use it to show each finding's pixels stay in its mask)."""
     r_anat, r_class, r_lesion, r_acq, r_text = _streams(modality, seed, index)
     anat = _anat.ANATOMY[modality](r_anat, size)
     classes = CLASSES[modality]
@@ -183,6 +215,7 @@ def _render(modality: str, size: int, seed: int, index: int, bit_depth: int,
     canonical = anat.image
     masks: list[np.ndarray] = []
     centers: list[tuple[float, float]] = []
+    lesions: list = []
     if label != "none":
         for _attempt in range(6):
             canonical, lesions = _anat.draw_lesions(r_lesion, modality, label, anat, size)
@@ -204,13 +237,35 @@ def _render(modality: str, size: int, seed: int, index: int, bit_depth: int,
             centers.append(tuple(anat.to_canonical(np.array([xs.mean(), ys.mean()]), size)))
     img = cv2.warpAffine(canonical, matrix, (size, size), flags=cv2.INTER_LINEAR,
                          borderMode=anat.border, borderValue=anat.border_value)
+    multi = None
+    if findings == "multi":
+        r_presence, r_caption, r_draw, r_finding_text = _finding_streams(modality, seed, index)
+        multi = draw_findings(modality, anat, label, lesions, masks, centers, canonical,
+                              matrix, img, r_presence, r_draw, extras)
+        img = multi.image
     x = _anat.acquire(r_acq, modality, img)
     if bit_depth == 8:
         image = (x * 255.0 + 0.5).astype(np.uint8)
     else:
         image = (x * 65535.0 + 0.5).astype(np.uint16)
     caption = phantom_caption(r_text, modality, label, centers, anat)
-    return Phantom(image, masks, label, caption, _stem(modality, index, width), modality, index)
+    ph = Phantom(image, masks, label, caption, _stem(modality, index, width), modality, index)
+    if multi is not None:
+        _describe(ph, multi, anat, r_caption, r_finding_text)
+    return ph
+
+
+def _describe(ph: Phantom, multi: FindingMaps, anat, r_caption, r_finding_text) -> None:
+    """The masks and captions of a multi-finding sample."""
+    defs = FINDINGS[ph.modality]
+    present = {f.name: multi.present(f.name) for f in defs}
+    ph.finding_masks = multi.masks
+    ph.caption = multi_caption(r_caption, ph.modality, ph.label, defs, present,
+                               multi.centers, anat)
+    ph.finding_captions = {
+        f.name: finding_caption(r_finding_text[f.name], ph.modality, ph.label, f,
+                                multi.centers.get(f.name, []), anat)
+        for f in defs if f.kind == "finding" and present[f.name]}
 
 
 # --------------------------------------------------------------------------- splits
@@ -272,12 +327,18 @@ def _work(index: int) -> tuple:
 
 
 def _produce(config: tuple, index: int) -> tuple:
-    modality, size, seed, bit_depth, out_dir, width = config
-    ph = _render(modality, size, seed, index, bit_depth, width=width)
+    modality, size, seed, bit_depth, out_dir, width, findings = config
+    ph = _render(modality, size, seed, index, bit_depth, width=width, findings=findings)
     write_png(safe_child(out_dir, f"images/{ph.stem}.png"), ph.image)
     write_png(safe_child(out_dir, f"masks/{ph.stem}.png"), ph.mask)
     instances = [coco_instance(m) for m in ph.instance_masks]
-    return ph.stem, ph.label, ph.caption, instances
+    extra = None
+    if ph.finding_masks:
+        for name, m in ph.finding_masks.items():
+            write_png(safe_child(out_dir, f"masks/{name}/{ph.stem}.png"),
+                      m.astype(np.uint8) * np.uint8(255))
+        extra = {"present": ph.present, "captions": ph.finding_captions}
+    return ph.stem, ph.label, ph.caption, instances, extra
 
 
 def _mp_context():
@@ -302,6 +363,10 @@ class PhantomConfig:
                               "class-folder tools")
     seed: int = opt(0, "random seed", low=0)
     workers: int | None = opt(None, "worker processes (default: number of CPU cores)", low=1)
+    findings: str = opt(FINDING_MODES[0], "single: the class lesion only; multi: also other "
+                        "findings present independently and named anatomy, each with its own "
+                        "mask (masks/<finding>/), findings.csv and finding_captions.csv",
+                        choices=FINDING_MODES)
     quiet: bool = opt(False, "no progress bars")
 
 
@@ -310,14 +375,18 @@ def generate_phantoms(out_dir, modality: str = MODALITIES[0], n: int = DEFAULT_N
                       bit_depth: int = BIT_DEPTHS[0], workers: int | None = None,
                       class_folders: bool = False,
                       split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
+                      findings: str = FINDING_MODES[0],
                       progress: bool = True) -> PhantomSummary:
     """Write a phantom dataset of ``n`` images into ``out_dir`` (see the module docstring).
 
     ``workers`` processes render and write the images (default ``os.cpu_count()``;
-    ``1`` renders in this process); the result does not depend on it.
+    ``1`` renders in this process); the result does not depend on it. ``findings="multi"``
+    adds the findings of :mod:`mwm.data.findings` with their masks, ``findings.csv`` and
+    ``finding_captions.csv`` (the files of ``"single"`` keep their format).
     """
     t0 = time.perf_counter()
     _check_common(modality, size, bit_depth)
+    check_findings(findings)
     n = _check_int("n", n, 1)
     size = int(size)
     seed = _check_int("seed", seed, 0)
@@ -333,23 +402,29 @@ def generate_phantoms(out_dir, modality: str = MODALITIES[0], n: int = DEFAULT_N
     for sub in ("images", "masks"):
         (out / sub).mkdir(exist_ok=True)
     width = max(5, len(str(n - 1)))
-    config = (modality, size, seed, bit_depth, str(out), width)
+    config = (modality, size, seed, bit_depth, str(out), width, findings)
     results = _render_all(config, n, workers, progress)
     labels = [r[1] for r in results]
     splits = stratified_split(labels, fractions, seed, modality)
     prompt = PROMPTS[modality]
     records, next_ann = [], 1
-    for i, (stem, label, caption, instances) in enumerate(results):
+    for i, (stem, label, caption, instances, extra) in enumerate(results):
         ids = list(range(next_ann, next_ann + len(instances)))
         next_ann += len(instances)
         records.append({"index": i, "stem": stem, "label": label, "caption": caption,
-                        "instances": instances, "ann_ids": ids, "split": splits[i]})
+                        "instances": instances, "ann_ids": ids, "split": splits[i],
+                        "findings": extra})
 
     split_map = _write_tables(out, modality, size, records)
     classes = CLASSES[modality]
     class_counts = {c: labels.count(c) for c in classes}
     split_counts = {s: len(split_map[s]) for s in SPLITS}
-    write_json(out / "dataset.json", {
+    files = {"images": "images/<stem>.png", "masks": "masks/<stem>.png (uint8 0/255, lesion union)",
+             "manifest": "labels.csv", "captions": "captions.csv", "prompts": "prompts.json",
+             "splits": "splits.json",
+             "coco": "instances.json, instances_<split>.json (file_name relative to images/)",
+             "class_folders": "classes/<split>/<class>/<stem>.png" if class_folders else None}
+    meta = {
         "name": f"mwm-phantoms-{modality}",
         "generator": "mwm.data.phantoms",
         "generator_version": GENERATOR_VERSION,
@@ -361,14 +436,15 @@ def generate_phantoms(out_dir, modality: str = MODALITIES[0], n: int = DEFAULT_N
         "split_fractions": list(fractions),
         "intensity": INTENSITY_CONVENTION[bit_depth],
         "orientation": ORIENTATION,
-        "files": {"images": "images/<stem>.png", "masks": "masks/<stem>.png (uint8 0/255, lesion union)",
-                  "manifest": "labels.csv", "captions": "captions.csv", "prompts": "prompts.json",
-                  "splits": "splits.json",
-                  "coco": "instances.json, instances_<split>.json (file_name relative to images/)",
-                  "class_folders": "classes/<split>/<class>/<stem>.png" if class_folders else None},
-    })
+        "files": files,
+    }
+    if findings == "multi":
+        meta["findings"] = _write_findings(out, modality, records)
+        files.update(finding_masks="masks/<finding>/<stem>.png (uint8 0/255; all zeros when "
+                     "absent)", findings="findings.csv", finding_captions="finding_captions.csv")
+    write_json(out / "dataset.json", meta)
 
-    _clean_up(out, records, class_folders)
+    clean_up(out, records, class_folders, _STEM_RE, modality if findings == "multi" else None)
     return PhantomSummary(out, modality, n, size, seed, class_counts, split_counts,
                           time.perf_counter() - t0, bit_depth, workers)
 
@@ -408,60 +484,35 @@ def _write_tables(out: Path, modality: str, size: int, records: list[dict]) -> d
     return split_map
 
 
-def _clean_up(out: Path, records: list[dict], class_folders: bool) -> None:
-    """Remove images of an earlier, larger run; (re)make or remove the class folders."""
-    keep_names = {f"{r['stem']}.png" for r in records}
-    _remove_stale(out / "images", keep_names)
-    _remove_stale(out / "masks", keep_names)
-    if class_folders:
-        wanted = {(r["split"], r["label"], r["stem"] + ".png") for r in records}
-        _remove_stale_classes(out / "classes", wanted)
-        for r in records:
-            src = out / "images" / f"{r['stem']}.png"
-            dst = safe_child(out, f"classes/{r['split']}/{r['label']}/{r['stem']}.png")
-            _link_or_copy(src, dst)
-    elif (out / "classes").is_dir():
-        _remove_stale_classes(out / "classes", set())
+def _write_findings(out: Path, modality: str, records: list[dict]) -> dict:
+    """findings.csv (one row per image and finding), finding_captions.csv (one per present
+    finding); the findings section of dataset.json."""
+    defs = FINDINGS[modality]
+    write_csv(out / "findings.csv", (
+        {"image": f"images/{r['stem']}.png", "finding": f.name, "kind": f.kind,
+         "present": int(r["findings"]["present"][f.name]),
+         "mask": f"masks/{f.name}/{r['stem']}.png", "phrase": f.phrase}
+        for r in records for f in defs), FINDINGS_COLUMNS)
+    write_csv(out / "finding_captions.csv", (
+        {"image": f"images/{r['stem']}.png", "finding": f.name,
+         "caption": r["findings"]["captions"][f.name]}
+        for r in records for f in defs if f.name in r["findings"]["captions"]),
+        FINDING_CAPTION_COLUMNS)
+    expected = presence_rates(modality, CLASSES[modality])
+    return {"mode": "multi", "presence_probability": PRESENCE_PROBABILITY,
+            "max_extra_per_image": MAX_EXTRA,
+            "definitions": [_definition(f, expected[f.name], records) for f in defs]}
+
+
+def _definition(f: Finding, expected: float, records: list[dict]) -> dict:
+    present = {s: sum(r["findings"]["present"][f.name] for r in records if r["split"] == s)
+               for s in SPLITS}
+    return {"name": f.name, "kind": f.kind, "phrase": f.phrase, "synonyms": list(f.synonyms),
+            "negations": list(f.negations), "classes": list(f.classes), "extra": f.extra,
+            "look": f.look, "expected_rate": expected,
+            "present": sum(present.values()), "present_by_split": present,
+            "rate": round(sum(present.values()) / max(len(records), 1), 4)}
 
 
 def _compact(obj) -> str:
     return json.dumps(obj, separators=(",", ":")) + "\n"
-
-
-def _remove_stale(folder: Path, keep: set[str]) -> None:
-    if not folder.is_dir():
-        return
-    for entry in os.scandir(folder):
-        if entry.is_file() and _STEM_RE.match(entry.name) and entry.name not in keep:
-            os.unlink(entry.path)
-
-
-def _remove_stale_classes(root: Path, keep: set[tuple[str, str, str]]) -> None:
-    if not root.is_dir():
-        return
-    for split_dir in root.iterdir():
-        if not split_dir.is_dir():
-            continue
-        for class_dir in split_dir.iterdir():
-            if not class_dir.is_dir():
-                continue
-            for entry in os.scandir(class_dir):
-                if (entry.is_file() and _STEM_RE.match(entry.name)
-                        and (split_dir.name, class_dir.name, entry.name) not in keep):
-                    os.unlink(entry.path)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link ``src`` to ``dst`` atomically (copy where links are not possible)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        if dst.exists() and os.path.samefile(src, dst):
-            return
-    except OSError:
-        pass
-    try:
-        with atomic_path(dst) as tmp:
-            tmp.unlink()
-            os.link(src, tmp)
-    except OSError:
-        write_bytes(dst, src.read_bytes())

@@ -22,26 +22,10 @@ from typing import Sequence
 
 import numpy as np
 
+from ..metrics import binary_auroc  # one home: mwm.metrics
+
 __all__ = ["binary_auroc", "confusion_matrix", "classification_metrics",
            "write_confusion_csv", "write_confusion_png"]
-
-
-def binary_auroc(scores_n, positive_n) -> float:
-    """Exact AUROC = P(score of a positive > score of a negative) + ½ P(tie).
-
-    Mann–Whitney U from average ranks; raises ValueError without both positives and negatives.
-    """
-    from scipy.stats import rankdata
-
-    scores = np.asarray(scores_n, dtype=np.float64).ravel()
-    positive = np.asarray(positive_n, dtype=bool).ravel()
-    n_pos = int(positive.sum())
-    n_neg = positive.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("AUROC needs at least one positive and one negative")
-    ranks = rankdata(scores, method="average")
-    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
 
 
 def confusion_matrix(labels_n, preds_n, k: int) -> np.ndarray:

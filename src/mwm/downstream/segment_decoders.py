@@ -1,5 +1,6 @@
-"""The decoders of ``mwm segment``: a UNet-style decoder over a CNN's feature pyramid, and
-for a ViT a UNETR-style (2-D) neck that first makes a pyramid from four block outputs.
+"""The model of ``mwm segment``: the timm encoder (:func:`build_encoder`), a UNet-style
+decoder over a CNN's feature pyramid, and for a ViT a UNETR-style (2-D) neck that first
+makes a pyramid from four block outputs.
 
 CNN: timm's ``forward_intermediates`` gives every stage's map (strides 2-32 for a ResNet);
 :class:`UNetDecoder` upsamples from the deepest, concatenating each shallower one.
@@ -11,14 +12,20 @@ resampler, :func:`mwm.downstream.vit.resampler`), then decoded by the same
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..errors import DataError
-from .vit import resampler, is_vit_model, patch_size_of
+from ..pretrain.config import DEFAULT_ENCODER
+from .vit import check_grid, is_vit, is_vit_model, patch_size_of, resampler
 
-__all__ = ["SegNet", "UNetDecoder"]
+if TYPE_CHECKING:
+    from .segment import SegmentConfig
+
+__all__ = ["SegNet", "UNetDecoder", "build_encoder"]
 
 
 def _conv(cin: int, cout: int) -> nn.Sequential:
@@ -89,9 +96,52 @@ class SegNet(nn.Module):
             self.encoder.eval()
         return self
 
+    def freeze_unused(self, input_size: int) -> list[str]:
+        """Stop training the encoder parameters the decoder never reads (a ViT's final norm,
+        a ConvNeXt's or EfficientNet's head): they get no gradient, which DDP refuses, and
+        the optimizer skips them anyway. Found by one backward pass of a zero image in eval
+        mode (no BatchNorm statistic or random number is touched); returns their names."""
+        was_training = self.training
+        self.eval()
+        with torch.enable_grad():
+            self(torch.zeros(1, 3, input_size, input_size)).sum().backward()
+        unused = []
+        for name, param in self.named_parameters():
+            if param.requires_grad and param.grad is None:
+                param.requires_grad_(False)
+                unused.append(name)
+            param.grad = None
+        self.train(was_training)
+        return unused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = list(self.encoder.forward_intermediates(x, indices=self.indices,
                                                            intermediates_only=True))
         if self.neck is not None:
             features = [level(f) for level, f in zip(self.neck, features)]
         return self.decoder(features, x.shape[-2:])
+
+
+def build_encoder(cfg: SegmentConfig, meta: dict) -> tuple[nn.Module, str]:
+    """The timm encoder without its head; a ViT at ``input_size`` with the weights' patch
+    size (``patch_size`` must agree)."""
+    import timm
+
+    arch = cfg.model or meta.get("arch") or DEFAULT_ENCODER
+    kwargs = {}
+    if is_vit(arch):
+        saved = meta.get("patch_size")
+        if cfg.patch_size and saved and int(saved) != cfg.patch_size:
+            raise DataError(f"--patch-size {cfg.patch_size}: the weights ({cfg.weights}) were "
+                            f"made with patch size {saved}; pass --patch-size {saved}.")
+        patch = cfg.patch_size or saved
+        kwargs = {"img_size": cfg.input_size, **({"patch_size": int(patch)} if patch else {})}
+    try:
+        encoder = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+    except RuntimeError as err:
+        raise DataError(f"--model {arch}: cannot create the timm model ({err}).") from err
+    if kwargs:
+        check_grid(encoder, cfg.input_size)
+    if not hasattr(encoder, "forward_intermediates"):
+        raise DataError(f"--model {arch}: timm gives no feature maps for it.")
+    return encoder, arch

@@ -4,9 +4,9 @@ A task is one module (``classify``, ``detect``, ...) plus one :data:`TASKS` regi
 there: its settings are the fields of its ``config`` dataclass (an experiment's
 ``evaluate`` entry may set any of them, except those each cell sets and those the task
 ``fixed``), ``inherits`` names the settings that default to the pretraining's (the same
-architecture and input size), ``metrics`` are what it reports and ``primary`` the one the
-results table, the paired differences and the plots show. ``run(config)`` trains and
-evaluates and returns the metrics of the last evaluation (no model selection on the
+architecture and input size), ``metrics`` are what it reports (each gets its mean ± std
+and paired difference in the results) and ``primary`` the one the overview table and the
+plots show. ``run(config)`` trains and evaluates and returns the metrics of the last evaluation (no model selection on the
 evaluation split, so they are not optimistically biased).
 
 The task modules register when :mod:`mwm.downstream` is imported.

@@ -7,6 +7,7 @@ A YAML file with these sections (``configs/phantom-brain-mri.yaml`` is a complet
     data: {phantoms: {modality: brain-mri, n: 600, size: 128, seed: 0}}   # or {images: DIR}
     localize: {prompt: brain tumor, clip: {seconds: 240}, m2ib: {layer: 1},
                postprocess: {method: kmeans, top_k: 1}}                      # or model: NAME
+               # also: objective, temperature, contrast, abstain (docs/presence.md)
     pretrain: {model: resnet18, input_size: 128, epochs: 6, batch_size: 32}
     evaluate: [{name: linear, mode: linear, epochs: 30}]
     seeds: [0, 1, 2]
@@ -191,7 +192,8 @@ def _data(section: dict, source: str) -> dict:
         raise DataError(f"{source}: data needs exactly one of 'phantoms' (generated) or "
                         "'images' (a folder or manifest with labels and splits).")
     if "phantoms" in section:
-        _check_keys(section["phantoms"], {"modality", "n", "size", "seed"}, source, "data.phantoms")
+        _check_keys(section["phantoms"], {"modality", "n", "size", "seed", "findings"}, source,
+                    "data.phantoms")
     elif str(section["images"]).startswith(PLACEHOLDER):
         raise DataError(f"{source}: data.images is still the placeholder {section['images']!r}; "
                         "edit the file to point at your dataset (a folder or a CSV manifest "
@@ -201,8 +203,9 @@ def _data(section: dict, source: str) -> dict:
 
 def _check_sections(config: ExperimentConfig) -> None:
     source = config.source
-    _check_keys(config.localize, {"prompt", "model", "clip", "m2ib", "postprocess", "batch_size"},
-                source, "localize")
+    _check_keys(config.localize, {"prompt", "model", "clip", "m2ib", "postprocess", "batch_size",
+                                  *PRESENCE_KEYS}, source, "localize")
+    _check_presence_keys(config.localize, source)
     if config.needs_localization():
         if "prompt" not in config.localize:
             raise DataError(f"{source}: localize.prompt is needed (the text that decides where "
@@ -216,6 +219,41 @@ def _check_sections(config: ExperimentConfig) -> None:
         raise DataError(f"{source}: reference {config.reference!r} is not a strategy ({sorted(names)}).")
     if not config.seeds:
         raise DataError(f"{source}: seeds must list at least one seed.")
+
+
+#: The localize keys of contrast prompts and abstention (``mwm localize``'s flags of the
+#: same names; ``objective`` and ``temperature`` are M2IB settings, given here or in m2ib).
+PRESENCE_KEYS = ("objective", "temperature", "contrast", "abstain")
+
+
+def _check_presence_keys(localize: dict, source: str) -> None:
+    m2ib = localize.get("m2ib") or {}
+    for key in ("objective", "temperature"):
+        if key in localize and key in m2ib:
+            raise DataError(f"{source}: localize.{key} and localize.m2ib.{key} are both given; "
+                            "give it once.")
+    settings = {key: localize[key] for key in ("objective", "temperature") if key in localize}
+    if settings:
+        from ..localize.m2ib import M2IBConfig
+
+        try:
+            M2IBConfig(**settings).validate()
+        except DataError as err:
+            raise DataError(f"{source}: localize: {err}") from err
+    if "abstain" in localize and not isinstance(localize["abstain"], bool):
+        raise DataError(f"{source}: localize.abstain must be true or false, got "
+                        f"{localize['abstain']!r}.")
+    if "contrast" in localize:
+        contrast = localize["contrast"]
+        lists = isinstance(contrast, list) and contrast and all(isinstance(c, str)
+                                                                for c in contrast)
+        if not (isinstance(contrast, (str, dict)) or lists):
+            raise DataError(f"{source}: localize.contrast must be 'a|b', a list of prompts, or "
+                            f"a mapping {{prompt: [contrast, ...]}}, got {contrast!r}.")
+        objective = localize.get("objective", m2ib.get("objective"))
+        if objective != "contrastive" and not localize.get("abstain"):
+            raise DataError(f"{source}: localize.contrast is read by objective: contrastive and "
+                            "abstain: true; with neither it would change nothing.")
 
 
 def _check_fields(config: ExperimentConfig, source: str) -> None:

@@ -1,5 +1,11 @@
-"""The grid of an experiment: cells (strategy x seed), their folders, and the shards
-(processes) that split them round-robin."""
+"""The grid of an experiment: cells (strategy x seed), their folders and fingerprints, and
+the shards (processes) that split them round-robin.
+
+A cell's work has two levels, each fingerprinted on its own so that a rerun redoes only
+what changed: the pretraining (strategy, seed, data, regions, ``pretrain`` settings; not
+the evaluations) and each evaluation (its resolved settings + the pretraining's
+fingerprint). The cell's fingerprint combines them and marks a complete ``cell.json``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from pathlib import Path
 
 from ..engine import Dist
 from ..errors import DataError
-from .config import ExperimentConfig, Strategy
+from .config import NO_PRETRAINING, ExperimentConfig, Strategy, task_of
 
 CELL_FILE = "cell.json"
 
@@ -25,6 +31,9 @@ class Cell:
     def folder(self, run: Path) -> Path:
         return run / "cells" / self.strategy.name / f"seed{self.seed}"
 
+    def eval_folder(self, run: Path, evaluation: str) -> Path:
+        return self.folder(run) / f"eval_{evaluation}"
+
 
 @dataclass
 class Shard:
@@ -39,6 +48,41 @@ class Shard:
 
 def cells_of(config: ExperimentConfig) -> list[Cell]:
     return [Cell(strategy, seed) for strategy in config.strategies for seed in config.seeds]
+
+
+def pretrain_fingerprint(config: ExperimentConfig, cell: Cell) -> str:
+    """What the cell's encoder depends on: never the evaluations, so adding or changing one
+    reuses the pretraining. A cell without pretraining depends on its seed and data only."""
+    strategy = cell.strategy
+    if not strategy.pretrains:
+        return config.fingerprint(NO_PRETRAINING, cell.seed, config.data)
+    regions = (strategy.regions, config.localize, config.data) if strategy.reads_regions else None
+    return config.fingerprint(strategy.masking, strategy.params, regions, config.pretrain,
+                              cell.seed, config.data)
+
+
+def eval_settings(config: ExperimentConfig, item: dict) -> dict:
+    """The settings an ``evaluate`` entry runs with: the pretraining's architecture and
+    input size unless the entry says otherwise, the task's fixed ones, then the entry's."""
+    from ..config import default_of
+    from ..pretrain.config import PretrainConfig
+
+    task = task_of(item)
+    inherited = {k: config.pretrain.get(k, default_of(PretrainConfig, k)) for k in task.inherits}
+    return {**inherited, **task.fixed, **{k: v for k, v in item.items() if k not in ("name", "task")}}
+
+
+def eval_fingerprint(config: ExperimentConfig, cell: Cell, item: dict) -> str:
+    return config.fingerprint(pretrain_fingerprint(config, cell), task_of(item).name,
+                              eval_settings(config, item), cell.seed)
+
+
+def cell_fingerprint(config: ExperimentConfig, cell: Cell) -> str:
+    """The pretraining's and every evaluation's fingerprint: a ``cell.json`` carrying it is
+    complete for these settings."""
+    return config.fingerprint(pretrain_fingerprint(config, cell),
+                              {item["name"]: eval_fingerprint(config, cell, item)
+                               for item in config.evaluate})
 
 
 def shard_from(spec: str | None, device: str, env: Dist | None = None) -> Shard:

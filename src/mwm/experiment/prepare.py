@@ -10,19 +10,22 @@ Layout::
 
     RUN/data/          the dataset (phantoms as ``mwm phantoms`` writes them)
     RUN/clip/          the small CLIP trained on the data's captions (when localize.clip)
-    RUN/saliency/      one M2IB map per image (8-bit PNG)
-    RUN/regions/       binary region masks (postprocessed maps)
+    RUN/saliency/      one M2IB map per image (8-bit PNG); with localize.abstain also
+                       presence.csv / presence.json (calibrated on the val split)
+    RUN/regions/       binary region masks (postprocessed maps; empty where absent)
     RUN/localization/  DSC / NSD of the regions against the masks on the test split
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import DataError
 from ..files import read_json_or_none, write_json
+from ..localize.presence import PRESENCE_CSV
 from .config import ExperimentConfig
 
 # The phantom localizer of the demo and the phantom experiment, chosen on validation
@@ -138,20 +141,45 @@ def _saliency(config: ExperimentConfig, data: Path, run: Path, quiet: bool,
     """The saliency folder and how many maps this call (re)wrote."""
     from ..data.layouts import open_dataset
     from ..localize.m2ib import M2IBConfig
-    from ..localize.pipeline import localize
+    from ..localize.pipeline import localize, val_calibration
 
     name = _vlm_name(config, data, run, quiet, log)
-    defaults = PHANTOM_M2IB if "clip" in config.localize else {}
-    m2ib = M2IBConfig(**{**defaults, **(config.localize.get("m2ib") or {})})
-    prompt = str(config.localize["prompt"])
+    section = config.localize
+    defaults = PHANTOM_M2IB if "clip" in section else {}
+    m2ib = M2IBConfig(**{**defaults, **(section.get("m2ib") or {}),
+                         **{k: section[k] for k in ("objective", "temperature") if k in section}})
+    prompt = str(section["prompt"])
     samples = [replace(s, prompt=s.prompt or prompt) for s in open_dataset(data).samples]
+    rule = _contrast_rule(section, data) if section.get("abstain") or \
+        m2ib.objective == "contrastive" else None
+    presence = val_calibration(samples, rule.info.findings, data) if section.get("abstain") \
+        else None
     out = run / "saliency"
     # on the CPU, as always: a map's fingerprint does not name the device, and CPU and GPU
     # noise streams differ, so one folder never mixes the two
-    summary = localize(samples, out, model=name, m2ib=m2ib, device="cpu", progress=not quiet,
-                       write_batch=int(config.localize.get("batch_size", 8)))
+    summary = localize(samples, out, model=name, m2ib=m2ib, contrast=rule, presence=presence,
+                       device="cpu", progress=not quiet,
+                       write_batch=int(section.get("batch_size", 8)))
     log(f"saliency: {out} ({summary.n_written} new, {summary.n_skipped} up to date)")
+    if summary.presence:
+        found = summary.presence
+        log(f"presence: {found['n_absent']} of {found['n_images']} images found absent "
+            f"(threshold {found['threshold']:.4f}, {found['source']})")
     return out, summary.n_written
+
+
+def _contrast_rule(section: dict, data: Path):
+    """The experiment's ``localize.contrast`` ('a|b', a list, or {prompt: [...]}) over the
+    dataset's default (docs/presence.md)."""
+    from ..localize.presence import ContrastRule, contrast_mapping, dataset_info, parse_contrast
+
+    contrast = section.get("contrast")
+    where = "the experiment's localize.contrast"
+    if isinstance(contrast, dict):
+        return ContrastRule(None, contrast_mapping(contrast, where), dataset_info(data))
+    given = None if contrast is None else parse_contrast(
+        contrast if isinstance(contrast, str) else "|".join(contrast), where)
+    return ContrastRule(given, {}, dataset_info(data))
 
 
 def _postprocess(config: ExperimentConfig, data: Path, saliency: Path, out: Path,
@@ -162,20 +190,24 @@ def _postprocess(config: ExperimentConfig, data: Path, saliency: Path, out: Path
 
     settings = {**DEFAULT_POSTPROCESS, **(config.localize.get("postprocess") or {})}
     post = PostprocessConfig(**settings)
+    presence = saliency / PRESENCE_CSV if config.localize.get("abstain") else None
+    stamp_settings = dict(settings)
+    if presence is not None:  # other decisions: other regions
+        stamp_settings["presence"] = hashlib.sha256(presence.read_bytes()).hexdigest()
     stamp = out.with_name(out.name + "_done.json")
-    if n_new_maps == 0 and read_json_or_none(stamp) == settings and out.is_dir():
+    if n_new_maps == 0 and read_json_or_none(stamp) == stamp_settings and out.is_dir():
         return
     if stamp.exists():
         stamp.unlink()
     if out.exists():
         shutil.rmtree(out)  # never keep masks made from other maps or with other settings
-    summary = postprocess_folder(saliency, out, post, progress=not quiet,
+    summary = postprocess_folder(saliency, out, post, progress=not quiet, presence=presence,
                                  images_dir=_image_folder(data) if post.crf else None)
     if summary["failures"]:
         first = summary["failures"][0]
         raise DataError(f"{len(summary['failures'])} saliency map(s) could not be postprocessed; "
                         f"first: {first['file']}: {first['reason']}")
-    write_json(stamp, settings)
+    write_json(stamp, stamp_settings)
 
 
 def _image_folder(data: Path) -> Path:
@@ -205,4 +237,6 @@ def _score(data: Path, regions: Path, out: Path, quiet: bool) -> dict | None:
     gt.mkdir(parents=True)
     for sample in test:
         shutil.copyfile(sample.mask.path, gt / sample.mask.path.name)
-    return evaluate_folders(regions, gt, out, progress=not quiet)
+    presence = regions / PRESENCE_CSV  # copied there by postprocess_folder under abstain
+    return evaluate_folders(regions, gt, out, progress=not quiet,
+                            presence=presence if presence.is_file() else None)

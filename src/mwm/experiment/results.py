@@ -1,15 +1,24 @@
-"""Experiment results: one row per strategy, mean ± std over seeds, as CSV, Markdown and a plot.
+"""Experiment results: per strategy and evaluation, every metric's mean ± std over seeds and
+its paired difference to the reference, as CSV, Markdown, JSON and one plot per evaluation.
 
 Files written into the run folder:
 
-* ``cells.csv``      one row per finished cell (strategy, seed, realized ratios, time, metrics);
+* ``cells.csv``      one row per finished cell (strategy, seed, realized ratios, time, and
+  every metric of every evaluation as ``<evaluation>_<metric>``);
 * ``results.csv``    one row per strategy: n seeds, realized overall mask ratio, pretraining
-  seconds, and for each evaluation its task's primary metric (mean/std) and the difference
-  to the reference strategy (mean of per-seed differences, over the seeds both have);
-* ``results.md``     the same as a table, with the missing cells listed;
-* ``results.json``   all of the above, for the report;
-* ``accuracy_vs_ratio.png``  each evaluation's primary metric against the realized overall
-  mask ratio (:func:`mwm.report.plots.accuracy_vs_ratio_png`).
+  seconds; per evaluation its primary metric (``<evaluation>_mean/_std/_delta/_delta_std``)
+  and, for every metric the task reports, ``<evaluation>_<metric>_mean``, ``_std``, ``_n``
+  (seeds with a finite value), ``_delta``, ``_delta_std`` and ``_n_paired``;
+* ``results.md``     an overview table of the primaries, then one table per evaluation
+  with every metric and its Δ, and the missing cells;
+* ``results.json``   all of the above (each strategy row's ``evaluations`` holds the
+  per-metric statistics), for the report;
+* ``plots/<evaluation>.png``  the evaluation's primary metric against the realized overall
+  mask ratio (:func:`mwm.report.plots.metric_vs_ratio_png`).
+
+A missing or non-finite value (a task that did not report the metric, an HD95 with no
+finite distance) is left out of the means; a metric with no value at all is ``None`` in
+``results.json``, empty in ``results.csv`` and ``–`` in the tables.
 """
 
 from __future__ import annotations
@@ -19,20 +28,29 @@ import statistics
 from pathlib import Path
 
 from ..files import read_json_or_none, write_bytes, write_csv, write_json, write_text
-from ..report.plots import accuracy_vs_ratio_png
+from ..report.plots import metric_vs_ratio_png
 from ..report.tables import results_markdown
 from .config import ExperimentConfig, task_of
-from .grid import CELL_FILE
+from .grid import CELL_FILE, cell_fingerprint
 
-CELL_FIELDS = ("strategy", "masking", "seed", "ratio_overall", "ratio_salient", "ratio_background",
-               "pretrain_seconds", "final_loss")
+PLOTS = "plots"
+STATS = ("mean", "std", "n", "delta", "delta_std", "n_paired")
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and not math.isnan(v)]
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def mean_std(values: list) -> tuple[float, float]:
+    """Mean and sample std of the finite values (NaN, NaN without any; std 0 with one)."""
+    values = [v for v in values if _finite(v)]
     if not values:
         return float("nan"), float("nan")
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _or_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
 
 
 def cell_rows(config: ExperimentConfig, records: list[dict]) -> list[dict]:
@@ -52,15 +70,28 @@ def cell_rows(config: ExperimentConfig, records: list[dict]) -> list[dict]:
 
 
 def primary_metrics(config: ExperimentConfig) -> dict[str, str]:
-    """Each evaluation's primary metric (what the table, the deltas and the plot show)."""
+    """Each evaluation's primary metric (what the overview, the old columns and the plots show)."""
     return {item["name"]: task_of(item).primary for item in config.evaluate}
 
 
+def metric_stats(mine: list[dict], reference: dict[int, float], key: str) -> dict:
+    """Mean ± std over seeds of one metric (``key`` of the cell rows) and the mean ± std of
+    its per-seed differences to the reference's same seed; ``None`` where there is no value."""
+    values = [c.get(key) for c in mine]
+    diffs = [c[key] - reference[c["seed"]] for c in mine
+             if _finite(c.get(key)) and _finite(reference.get(c["seed"]))]
+    mean, std = mean_std(values)
+    delta, delta_std = mean_std(diffs)
+    return {"mean": _or_none(mean), "std": _or_none(std), "n": sum(map(_finite, values)),
+            "delta": _or_none(delta), "delta_std": _or_none(delta_std), "n_paired": len(diffs)}
+
+
 def strategy_rows(config: ExperimentConfig, cells: list[dict]) -> list[dict]:
+    """One row per strategy; ``row["evaluations"][evaluation][metric]`` holds
+    :func:`metric_stats`, and ``<evaluation>_mean`` etc. repeat the primary's (NaN when
+    missing), the keys results files of earlier versions had."""
     primary = primary_metrics(config)
-    evals = list(primary)
-    reference = {(c["seed"], e): c.get(f"{e}_{primary[e]}") for c in cells
-                 if c["strategy"] == config.reference for e in evals}
+    metrics = {item["name"]: task_of(item).metrics for item in config.evaluate}
     rows = []
     for strategy in config.strategies:
         mine = [c for c in cells if c["strategy"] == strategy.name]
@@ -71,18 +102,44 @@ def strategy_rows(config: ExperimentConfig, cells: list[dict]) -> list[dict]:
                "n_seeds": len(mine)}
         row["ratio_overall"], _ = mean_std([c["ratio_overall"] for c in mine])
         row["pretrain_seconds"], _ = mean_std([c["pretrain_seconds"] for c in mine])
-        for e in evals:
-            key = f"{e}_{primary[e]}"
-            row[f"{e}_mean"], row[f"{e}_std"] = mean_std([c.get(key) for c in mine])
-            diffs = [c[key] - reference[(c["seed"], e)] for c in mine
-                     if reference.get((c["seed"], e)) is not None and c.get(key) is not None]
-            row[f"{e}_delta"], row[f"{e}_delta_std"] = mean_std(diffs)
+        row["evaluations"] = {}
+        for e, names in metrics.items():
+            stats = {}
+            for metric in names:
+                key = f"{e}_{metric}"
+                reference = {c["seed"]: c.get(key) for c in cells if c["strategy"] == config.reference}
+                stats[metric] = metric_stats(mine, reference, key)
+            row["evaluations"][e] = stats
+            first = stats[primary[e]]
+            for suffix, stat in (("mean", "mean"), ("std", "std"), ("delta", "delta"),
+                                 ("delta_std", "delta_std")):
+                row[f"{e}_{suffix}"] = float("nan") if first[stat] is None else first[stat]
         rows.append(row)
     return rows
 
 
+def csv_row(row: dict) -> dict:
+    """A strategy row with its per-metric statistics as flat columns."""
+    flat = {k: v for k, v in row.items() if k != "evaluations"}
+    for e, stats in row["evaluations"].items():
+        for metric, values in stats.items():
+            flat.update({f"{e}_{metric}_{stat}": values[stat] for stat in STATS})
+    return flat
+
+
+def finished_records(config: ExperimentConfig, run: Path, cells: list) -> list[dict]:
+    """The ``cell.json`` of every cell finished with the current settings (a cell.json left
+    by other settings, whose shard has not rerun it yet, counts as missing)."""
+    records = []
+    for cell in cells:
+        record = read_json_or_none(cell.folder(run) / CELL_FILE)
+        if record and record.get("fingerprint") == cell_fingerprint(config, cell):
+            records.append(record)
+    return records
+
+
 def write_results(config: ExperimentConfig, run: Path, cells: list, prepared=None) -> dict:
-    records = [r for r in (read_json_or_none(c.folder(run) / CELL_FILE) for c in cells) if r]
+    records = finished_records(config, run, cells)
     done = {r["cell"] for r in records}
     missing = [c.key for c in cells if c.key not in done]
     per_cell = cell_rows(config, records)
@@ -90,15 +147,27 @@ def write_results(config: ExperimentConfig, run: Path, cells: list, prepared=Non
     evals = [item["name"] for item in config.evaluate]
     if per_cell:
         write_csv(run / "cells.csv", per_cell, list(per_cell[0]))
-    write_csv(run / "results.csv", per_strategy, list(per_strategy[0]))
+    flat = [csv_row(row) for row in per_strategy]
+    write_csv(run / "results.csv", flat, list(flat[0]))
     localization = getattr(prepared, "localization", None)
     results = {"name": config.name, "evaluations": evals, "primary": primary_metrics(config),
+               "tasks": {item["name"]: task_of(item).name for item in config.evaluate},
+               "metrics": {item["name"]: list(task_of(item).metrics) for item in config.evaluate},
                "reference": config.reference,
                "strategies": per_strategy, "cells": per_cell, "missing": missing,
                "seeds": config.seeds,
+               "plots": {e: f"{PLOTS}/{e}.png" for e in evals} if per_cell else {},
                "localization_dice": (localization or {}).get("metrics", {}).get("dice", {}).get("mean")}
     write_json(run / "results.json", results)
     write_text(run / "results.md", results_markdown(results))
-    if per_cell:
-        write_bytes(run / "accuracy_vs_ratio.png", accuracy_vs_ratio_png(results))
+    _write_plots(run / PLOTS, results)
     return results
+
+
+def _write_plots(folder: Path, results: dict) -> None:
+    """One plot per evaluation; plots of evaluations the file no longer has are removed."""
+    for e, path in results["plots"].items():
+        write_bytes(folder.parent / path, metric_vs_ratio_png(results, e))
+    for old in folder.glob("*.png") if folder.is_dir() else ():
+        if old.stem not in results["plots"]:
+            old.unlink()

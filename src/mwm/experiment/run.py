@@ -1,10 +1,20 @@
 """Run an experiment: shared preparation, then one cell per (strategy, seed), then results.
 
 A cell pretrains an encoder with its strategy's masking (none for ``scratch``) and runs
-every evaluation on it. It ends by writing ``cells/<strategy>/seed<k>/cell.json`` with a
-fingerprint of every setting it used; a rerun skips finished cells with the same
-fingerprint, deletes and recomputes cells made with other settings, and resumes an
-interrupted cell from its pretraining checkpoint.
+every evaluation on it. Each level is resumable on its own (fingerprints:
+:mod:`mwm.experiment.grid`):
+
+* ``cells/<strategy>/seed<k>/fingerprint.json`` names the pretraining settings; a cell
+  folder made with other ones is deleted whole (everything in it depends on the encoder).
+  ``pretrain.json`` is written when the pretraining has finished and is reused as it is;
+  an interrupted pretraining resumes from its checkpoint.
+* ``eval_<name>/fingerprint.json`` names the evaluation's settings (with the
+  pretraining's); ``eval_<name>/evaluation.json`` holds its metrics once it has finished.
+  A rerun reuses a finished evaluation with the same fingerprint, resumes an interrupted
+  one, and deletes and recomputes one made with other settings (never mixing the two), so
+  adding or changing an ``evaluate`` entry reruns only that evaluation.
+* ``cell.json`` is written when every evaluation of the cell is done, with the combined
+  fingerprint; a rerun skips such a cell without opening anything else.
 
 Several processes (``torchrun --nproc_per_node G mwm experiment ...`` or ``--shard K/N``)
 split the cells round-robin, one cell at a time per process; rank 0 prepares the shared
@@ -24,10 +34,22 @@ from ..config import opt
 from ..errors import DataError
 from ..files import read_json_or_none, write_json
 from .config import ExperimentConfig, task_of
-from .grid import CELL_FILE, Cell, Shard, cells_of
+from .grid import (
+    CELL_FILE,
+    Cell,
+    Shard,
+    cell_fingerprint,
+    cells_of,
+    eval_fingerprint,
+    eval_settings,
+    pretrain_fingerprint,
+)
 from .prepare import Prepared, prepare
 
 PREPARED_FILE = "prepared.json"
+FINGERPRINT_FILE = "fingerprint.json"   # written before the work, so a resume can trust it
+PRETRAIN_FILE = "pretrain.json"         # a finished pretraining's record
+EVAL_FILE = "evaluation.json"           # a finished evaluation's metrics
 
 
 @dataclass(kw_only=True)
@@ -94,14 +116,6 @@ def _prepared(config, run: Path, shard: Shard, workers: int, quiet: bool, log) -
                        for k, v in saved["prepared"].items()})
 
 
-def cell_fingerprint(config: ExperimentConfig, cell: Cell) -> str:
-    regions = None
-    if cell.strategy.reads_regions:
-        regions = (cell.strategy.regions, config.localize, config.data)
-    return config.fingerprint(cell.strategy.masking, cell.strategy.params, regions,
-                              config.pretrain, config.evaluate, cell.seed, config.data)
-
-
 def run_cell(config: ExperimentConfig, cell: Cell, run: Path, prepared: Prepared,
              device: str = "auto", workers: int = 0, quiet: bool = False, log=print) -> dict:
     folder = cell.folder(run)
@@ -110,25 +124,67 @@ def run_cell(config: ExperimentConfig, cell: Cell, run: Path, prepared: Prepared
     if done and done.get("fingerprint") == fingerprint:
         log(f"  up to date: {folder}")
         return done
-    if done or (folder.exists() and read_json_or_none(folder / "fingerprint.json") != fingerprint):
-        shutil.rmtree(folder)  # made with other settings: recompute, never reuse stale results
-    write_json(folder / "fingerprint.json", fingerprint)
+    if done:
+        (folder / CELL_FILE).unlink()  # other evaluations: no stale cell.json while they run
+    encoder_settings = pretrain_fingerprint(config, cell)
+    if folder.exists() and read_json_or_none(folder / FINGERPRINT_FILE) != encoder_settings:
+        shutil.rmtree(folder)  # another pretraining: recompute, never reuse stale results
+    write_json(folder / FINGERPRINT_FILE, encoder_settings)
     record = {"cell": cell.key, "strategy": cell.strategy.name, "masking": cell.strategy.masking,
-              "seed": cell.seed, "fingerprint": fingerprint, "pretrain": None}
+              "seed": cell.seed, "fingerprint": fingerprint,
+              "pretrain": _pretrained(config, cell, folder, prepared, device, workers, quiet, log)}
     weights = None
-    if cell.strategy.pretrains:
-        record["pretrain"] = _pretrain(config, cell, folder / "pretrain", prepared, device, workers, quiet)
-        weights = record["pretrain"]["encoder"]
-        log(f"  pretrained in {record['pretrain']['seconds']:.0f} s, realized mask ratio "
-            f"{record['pretrain']['ratio_overall']:.3f}")
+    if record["pretrain"] is not None:  # the cell's own file, wherever the run folder now is
+        weights = str(folder / "pretrain" / Path(record["pretrain"]["encoder"]).name)
     record["evaluations"] = {
-        item["name"]: _evaluate(config, item, cell, folder, prepared, weights, device, workers)
+        item["name"]: _evaluation(config, item, cell, run, prepared, weights, device, workers, log)
         for item in config.evaluate}
-    for item in config.evaluate:
-        primary = task_of(item).primary
-        log(f"  {item['name']}: {primary} {record['evaluations'][item['name']][primary]:.3f}")
     write_json(folder / CELL_FILE, record)
     return record
+
+
+def _pretrained(config, cell: Cell, folder: Path, prepared: Prepared, device: str, workers: int,
+                quiet: bool, log) -> dict | None:
+    """The cell's pretraining record: reused when finished with these settings, else run
+    (resuming from its checkpoint when it was interrupted)."""
+    if not cell.strategy.pretrains:
+        return None
+    fingerprint = pretrain_fingerprint(config, cell)
+    saved = read_json_or_none(folder / PRETRAIN_FILE)
+    if (saved and saved.get("fingerprint") == fingerprint
+            and (folder / "pretrain" / Path(saved["pretrain"]["encoder"]).name).is_file()):
+        log(f"  pretraining reused ({folder / 'pretrain'})")
+        return saved["pretrain"]
+    summary = _pretrain(config, cell, folder / "pretrain", prepared, device, workers, quiet)
+    write_json(folder / PRETRAIN_FILE, {"fingerprint": fingerprint, "pretrain": summary})
+    log(f"  pretrained in {summary['seconds']:.0f} s, realized mask ratio "
+        f"{summary['ratio_overall']:.3f}")
+    return summary
+
+
+def _evaluation(config, item: dict, cell: Cell, run: Path, prepared: Prepared, weights,
+                device: str, workers: int, log) -> dict:
+    """One evaluation's metrics: reused when finished with these settings, resumed when
+    interrupted, recomputed in a fresh folder when made with other settings."""
+    out = cell.eval_folder(run, item["name"])
+    fingerprint = eval_fingerprint(config, cell, item)
+    primary = task_of(item).primary
+    saved = read_json_or_none(out / EVAL_FILE)
+    if saved and saved.get("fingerprint") == fingerprint:
+        log(f"  {item['name']}: {primary} {_shown(saved['metrics'].get(primary))} (reused)")
+        return saved["metrics"]
+    if out.exists() and read_json_or_none(out / FINGERPRINT_FILE) != fingerprint:
+        shutil.rmtree(out)  # other settings: never mix their files with these
+    write_json(out / FINGERPRINT_FILE, fingerprint)
+    metrics = _evaluate(config, item, cell, out, prepared, weights, device, workers)
+    write_json(out / EVAL_FILE, {"evaluation": item["name"], "task": task_of(item).name,
+                                 "fingerprint": fingerprint, "metrics": metrics})
+    log(f"  {item['name']}: {primary} {_shown(metrics.get(primary))}")
+    return metrics
+
+
+def _shown(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 def _pretrain(config, cell: Cell, out: Path, prepared: Prepared, device: str, workers: int,
@@ -156,16 +212,11 @@ def _realized_ratios(log_csv: Path) -> dict:
     return {key: sum(float(r[key]) for r in rows) / len(rows) for key in keys}
 
 
-def _evaluate(config, item: dict, cell: Cell, folder: Path, prepared: Prepared, weights,
+def _evaluate(config, item: dict, cell: Cell, out: Path, prepared: Prepared, weights,
               device: str, workers: int) -> dict:
     """Train and score the cell's encoder on one evaluation task (its last evaluation)."""
-    from ..config import default_of
-    from ..pretrain.config import PretrainConfig
     task = task_of(item)
-    # the same architecture and input size as pretraining unless the evaluation says otherwise
-    inherited = {k: config.pretrain.get(k, default_of(PretrainConfig, k)) for k in task.inherits}
-    settings = {"workers": workers, **inherited, **task.fixed,
-                **{k: v for k, v in item.items() if k not in ("name", "task")}}
-    return task.run(task.config(data=str(prepared.data), out=str(folder / f"eval_{item['name']}"),
-                                weights=weights, seed=cell.seed, device=device, resume="auto",
-                                quiet=True, **settings))
+    settings = {"workers": workers, **eval_settings(config, item)}
+    return task.run(task.config(data=str(prepared.data), out=str(out), weights=weights,
+                                seed=cell.seed, device=device, resume="auto", quiet=True,
+                                **settings))

@@ -15,6 +15,12 @@ anything else is above half its maximum).
 Metrics and their empty-mask conventions are those of :mod:`mwm.metrics`. Means and
 standard deviations (population, ``ddof=0``) are over the evaluated images (missing
 predictions included, failed images excluded); ``null`` when no image was evaluated.
+
+Abstention (``docs/presence.md``): ``empty_regions`` counts the evaluated images whose
+ground truth is empty and how many of them got an empty prediction; with a
+``presence.csv`` (given, or the one ``mwm postprocess`` copied into ``pred_dir``),
+``presence`` scores its decisions against the ground truth (present = a non-empty mask):
+precision, recall, balanced accuracy and the AUROC of the scores.
 """
 
 from __future__ import annotations
@@ -46,12 +52,16 @@ class EvaluateConfig:
     gt: str = opt(help="folder of ground-truth masks (every one is scored)", positional=True)
     out: str | None = opt(None, "output folder (default: PRED_eval next to PRED)")
     tolerance: float = opt(DEFAULT_TOLERANCE_PX, "NSD tolerance in pixels", low=0.0)
+    presence: str | None = opt(None, "presence.csv of `mwm localize --abstain`, scored against "
+                               "the masks (default: the one `mwm postprocess` copied into PRED)",
+                               metavar="FILE")
     quiet: bool = opt(False, "no progress bars")
 
 
 def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
                      out_dir: str | os.PathLike, *, tolerance_px: float = DEFAULT_TOLERANCE_PX,
-                     spacing: Sequence[float] = (1.0, 1.0), progress: bool = True
+                     spacing: Sequence[float] = (1.0, 1.0),
+                     presence: str | os.PathLike | None = None, progress: bool = True
                      ) -> dict[str, Any]:
     """Score every ground-truth mask in ``gt_dir`` against ``pred_dir``.
 
@@ -60,8 +70,9 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
     ``out_dir/summary.json``; returns the summary: ``n_gt``, ``n_evaluated``,
     ``n_missing``, ``n_failed``, ``failures`` (name, file, reason), ``metrics``
     (``{name: {"mean", "std"}}``), ``extra_predictions``, ``tolerance_px``, ``spacing``
-    and ``conventions``. When ``mwm postprocess`` or ``mwm refine`` wrote ``pred_dir``,
-    only the masks its manifest lists are predictions.
+    and ``conventions``, ``empty_regions`` and ``presence`` (module docstring; None
+    without a presence table). When ``mwm postprocess`` or ``mwm refine`` wrote
+    ``pred_dir``, only the masks its manifest lists are predictions.
     """
     from ..data.io import list_image_files
     from ..data.layouts import expand_slices, find_images
@@ -117,6 +128,8 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
         },
         "pred_dir": str(pred_dir),
         "gt_dir": str(gt_dir),
+        "empty_regions": empty_region_counts(rows),
+        "presence": presence_summary(rows, pred_dir, presence),
     }
     out_dir = Path(out_dir)
     write_csv(out_dir / PER_IMAGE_CSV, rows, CSV_COLUMNS)
@@ -146,6 +159,32 @@ def _score(ref, pred_ref, tolerance_px: float, spacing) -> tuple[dict, dict | No
     row.update({name: f"{values[name]:.6f}" for name in METRIC_NAMES},
                gt_pixels=int(gt.sum()), pred_pixels=int(pred.sum()), error="")
     return row, values, None
+
+
+def empty_region_counts(rows: list[dict]) -> dict[str, Any]:
+    """Evaluated images with an empty ground truth, and how many got an empty prediction."""
+    empty = [r for r in rows if not r["error"] and r["gt_pixels"] == 0]
+    hit = sum(r["pred_pixels"] == 0 for r in empty)
+    return {"n_empty_gt": len(empty), "n_empty_prediction": int(hit),
+            "fraction": hit / len(empty) if empty else None}
+
+
+def presence_summary(rows: list[dict], pred_dir, presence) -> dict[str, Any] | None:
+    """The presence table's decisions and scores against the ground truth (a non-empty
+    mask = present), over the evaluated images it lists; None without a table."""
+    from .presence import listed_presence, presence_metrics, read_presence
+
+    path = presence if presence is not None else listed_presence(pred_dir, ("postprocess",))
+    if path is None:
+        return None
+    table = read_presence(path)
+    scored = [r for r in rows if not r["error"] and r["name"] in table]
+    scores = [table[r["name"]][0] for r in scored]
+    decided = [table[r["name"]][1] for r in scored]
+    truth = [r["gt_pixels"] > 0 for r in scored]
+    n_evaluated = sum(not r["error"] for r in rows)
+    return {"file": str(path), **presence_metrics(scores, decided, truth),
+            "n_not_in_table": n_evaluated - len(scored)}
 
 
 def _mean_std(values: list[float]) -> dict[str, float | None]:

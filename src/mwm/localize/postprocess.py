@@ -18,6 +18,9 @@ The saliency scale, components and boxes are the ground-floor helpers of
 :mod:`mwm.regions` (their conventions are stated there); in addition, a **constant map**
 (no contrast, e.g. all zeros) gives an **empty** mask, whatever the method or threshold:
 it carries no localization. See ``docs/postprocess-and-metrics.md``.
+
+:func:`postprocess_folder` also gives an **empty** mask to every image that ``mwm localize
+--abstain`` found without the prompt's finding (``presence.csv``, ``docs/presence.md``).
 """
 
 from __future__ import annotations
@@ -278,6 +281,7 @@ def postprocess_folder(saliency_dir: str | os.PathLike, out_dir: str | os.PathLi
                        config: PostprocessConfig | Mapping[str, Any] | None = None, *,
                        images_dir: str | os.PathLike | None = None,
                        boxes_dir: str | os.PathLike | None = None,
+                       presence: str | os.PathLike | None = None,
                        progress: bool = True) -> dict[str, Any]:
     """Postprocess every saliency map in ``saliency_dir``.
 
@@ -290,14 +294,20 @@ def postprocess_folder(saliency_dir: str | os.PathLike, out_dir: str | os.PathLi
     only the maps its manifest lists are read (:func:`~mwm.runlog.stage_outputs`): other
     files there are ``ignored``, a listed map that is missing is a failure.
 
+    ``presence``: a ``presence.csv`` (``mwm localize --abstain``; default: the one the
+    maps folder's manifest lists, if any); an image marked absent there gets an all-zero
+    mask (and no boxes) of its map's size, whatever its map, and the table is copied
+    into ``out_dir`` (listed in ``outputs``) for ``mwm evaluate``.
+
     Returns ``{"n_maps", "n_written", "n_failed", "failures": [{"name", "file",
-    "reason"}], "outputs", "ignored", "out_dir", "boxes_dir", "config"}``.
+    "reason"}], "outputs", "ignored", "out_dir", "boxes_dir", "config", "n_absent",
+    "absent", "presence"}`` (``absent``: the names given an empty mask as absent).
     """
     from ..errors import DataError
-    from ..data.io import read_image
     from ..data.layouts import find_images
-    from ..files import safe_child, write_png
+    from ..files import write_bytes
     from ..progress import progress as progress_bar
+    from .presence import PRESENCE_CSV, listed_presence, read_presence
 
     if config is None:
         config = PostprocessConfig()
@@ -317,36 +327,62 @@ def postprocess_folder(saliency_dir: str | os.PathLike, out_dir: str | os.PathLi
     out_dir.mkdir(parents=True, exist_ok=True)
     if boxes_dir is not None:
         Path(boxes_dir).mkdir(parents=True, exist_ok=True)
-    box_ratio = config.box_ratio if config.box_ratio is not None else 1.0
+    if presence is None:
+        presence = listed_presence(saliency_dir, ("localize",))
+    decided = read_presence(presence) if presence is not None else {}
+    absent_names = {name for name, (_, present) in decided.items() if not present}
 
     written: list[str] = []
+    absent: list[str] = []
     for ref in progress_bar(maps, total=len(maps), desc="postprocess", unit="map",
                             enabled=progress):
         try:
-            p = as_unit_saliency(read_image(ref).pixels)
-            image = None
-            if config.crf is not None:
-                image = _crf_image(ref.name, images, images_dir, p.shape)
-            region, final = _pipeline(p, config, image)
-            targets = [(safe_child(out_dir, f"{ref.name}.png"), final)]
-            if boxes_dir is not None:
-                boxes = expand_boxes(region, box_ratio, config.connectivity)
-                targets.append((safe_child(boxes_dir, f"{ref.name}.png"), boxes))
-            for path, mask in targets:
-                write_png(path, mask.astype(np.uint8) * 255)
-            written.append(targets[0][0].name)
+            is_absent = ref.name in absent_names
+            written.append(_write_region(ref, config, is_absent, images, images_dir, out_dir,
+                                         boxes_dir))
+            if is_absent:
+                absent.append(ref.name)
         except (DataError, ValueError, OSError, ImportError) as err:
             failures.append({"name": ref.name, "file": str(ref.path),
                              "reason": f"{type(err).__name__}: {err}"})
+    outputs = list(written)
+    if presence is not None:
+        write_bytes(out_dir / PRESENCE_CSV, Path(presence).read_bytes())
+        outputs.append(PRESENCE_CSV)
     return {"n_maps": len(maps), "n_written": len(written), "n_failed": len(failures),
-            "failures": failures, "outputs": written, "ignored": ignored, "out_dir": str(out_dir),
+            "failures": failures, "outputs": outputs, "ignored": ignored, "out_dir": str(out_dir),
             "boxes_dir": None if boxes_dir is None else str(boxes_dir),
-            "config": config.to_dict()}
+            "config": config.to_dict(), "n_absent": len(absent), "absent": absent,
+            "presence": None if presence is None else str(presence)}
+
+
+def _write_region(ref, config: PostprocessConfig, absent: bool, images, images_dir, out_dir: Path,
+                  boxes_dir) -> str:
+    """Write one map's region mask (empty when ``absent``) and boxes; the mask's file name."""
+    from ..data.io import read_image
+    from ..files import safe_child, write_png
+
+    p = as_unit_saliency(read_image(ref).pixels)
+    if absent:  # abstained: no region, whatever the map shows
+        region = final = np.zeros(p.shape, dtype=bool)
+    else:
+        image = _crf_image(ref.name, images, images_dir, p.shape) if config.crf is not None \
+            else None
+        region, final = _pipeline(p, config, image)
+    targets = [(safe_child(out_dir, f"{ref.name}.png"), final)]
+    if boxes_dir is not None:
+        box_ratio = config.box_ratio if config.box_ratio is not None else 1.0
+        targets.append((safe_child(boxes_dir, f"{ref.name}.png"),
+                        expand_boxes(region, box_ratio, config.connectivity)))
+    for path, mask in targets:
+        write_png(path, mask.astype(np.uint8) * 255)
+    return targets[0][0].name
 
 
 def _listed_maps(saliency_dir) -> tuple[list, list[str], list[dict[str, str]]]:
     """The maps to read: those ``mwm localize`` listed, when it wrote the folder (else every
     image); the names of the other files; failures for listed maps that are missing."""
+    from ..data.io import is_image_file
     from ..data.layouts import find_images
     from ..runlog import stage_outputs
 
@@ -354,6 +390,7 @@ def _listed_maps(saliency_dir) -> tuple[list, list[str], list[dict[str, str]]]:
     listed = stage_outputs(saliency_dir, ("localize",))
     if listed is None:
         return maps, [], []
+    listed = {name for name in listed if is_image_file(name)}  # not presence.csv / .json
     kept = [ref for ref in maps if ref.path.name in listed]
     ignored = sorted(ref.path.name for ref in maps if ref.path.name not in listed)
     present = {ref.path.name for ref in kept}

@@ -4,13 +4,17 @@ Every figure is embedded as a base64 PNG ``data:`` URI and the page has no exter
 reference (no scripts, fonts or styles from the network), so it opens offline and can be
 mailed as one file. Sections appear when their files exist in the run folder:
 
-1. results: the strategy table (``results.json``) and accuracy against mask ratio;
-2. data: the dataset contact sheet (``data/contact_sheet.png``);
-3. localization: per-image saliency and region overlays with their DSC
+1. results: the overview table (``results.json``), then per evaluation its table of
+   every metric and its plot of the primary metric against mask ratio (``plots/``);
+2. segmentation: per evaluation whose folders hold overlays, a few image | truth |
+   prediction overlays of one seed of each strategy, captioned with their DSC
+   (``cells/<strategy>/seed<k>/eval_<name>/overlays/``, ``per_image.csv``);
+3. data: the dataset contact sheet (``data/contact_sheet.png``);
+4. localization: per-image saliency and region overlays with their DSC
    (``saliency/``, ``regions/``, ``localization/per_image.csv``);
-4. pretraining: the last masked-cell / reconstruction grid of each strategy and the
+5. pretraining: the last masked-cell / reconstruction grid of each strategy and the
    training curves (``cells/*/seed*/pretrain/``);
-5. the run manifest (``run_manifest.json``).
+6. the run manifest (``run_manifest.json``).
 
 A small inline script records, when the page has loaded, how many images decoded
 (``data-images-loaded`` / ``data-images-total`` on ``<body>``); the browser test reads it.
@@ -28,11 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from ..config import opt
-
 from ..files import read_json_or_none, write_text
 from .plots import training_curves_png
 
 MAX_LOCALIZATION_TILES = 12
+MAX_SEGMENTATION_OVERLAYS = 4  # per strategy and evaluation
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;
 max-width:1200px;color:#222;padding:0 16px}
@@ -111,7 +115,8 @@ def render_report(run_dir: Path) -> str:
     manifest = read_json_or_none(run_dir / "run_manifest.json") or {}
     results = read_json_or_none(run_dir / "results.json")
     title = f"MWM report: {(results or {}).get('name') or run_dir.name}"
-    sections = [_results_section(run_dir, results), _data_section(run_dir),
+    sections = [_results_section(run_dir, results), *_segmentation_sections(run_dir, results),
+                _data_section(run_dir),
                 _localization_section(run_dir), _pretraining_section(run_dir),
                 _manifest_section(manifest)]
     body = "\n".join(s for s in sections if s)
@@ -129,21 +134,101 @@ def render_report(run_dir: Path) -> str:
 
 # --------------------------------------------------------------------------- sections
 
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    return ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+                      for cells in rows) + "</table>")
+
+
 def _results_section(run_dir: Path, results: dict | None) -> str:
-    from .tables import results_notes, results_table
+    from .tables import evaluation_table, evaluation_title, results_notes, results_table
 
     if not results:
         return ""
-    header, rows = results_table(results)
-    table = ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
-             + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
-                       for cells in rows) + "</table>")
-    parts = ["<h2>Results</h2>", table]
+    parts = ["<h2>Results</h2>", _html_table(*results_table(results))]
     parts += [f'<p class="note">{html.escape(note)}</p>' for note in results_notes(results)]
-    plot = run_dir / "accuracy_vs_ratio.png"
-    if plot.is_file():
-        parts.append(figure(plot, "downstream accuracy against the realized overall mask ratio", wide=True))
+    for e in results["evaluations"]:
+        table = evaluation_table(results, e)
+        plot = run_dir / (results.get("plots") or {}).get(e, f"plots/{e}.png")
+        if table is None and not plot.is_file():
+            continue
+        parts.append(f"<h3>{html.escape(evaluation_title(results, e))}</h3>")
+        if table is not None:
+            parts.append(_html_table(*table))
+        if plot.is_file():
+            metric = (results.get("primary") or {}).get(e, "accuracy")
+            parts.append(figure(plot, f"{e}: {metric} against the realized overall mask ratio",
+                                wide=True))
+    older = run_dir / "accuracy_vs_ratio.png"  # the one combined plot of earlier versions
+    if not results.get("plots") and older.is_file():
+        parts.append(figure(older, "downstream accuracy against the realized overall mask ratio",
+                            wide=True))
     return "\n".join(parts)
+
+
+def _segmentation_sections(run_dir: Path, results: dict | None) -> list[str]:
+    """One section per evaluation whose cells wrote overlays (the segment tasks): the first
+    overlays of one seed of each strategy, the same images for every strategy."""
+    if not results:
+        return []
+    sections = []
+    for e in results["evaluations"]:
+        figures = []
+        for row in results["strategies"]:
+            found = _overlay_folder(run_dir, row["strategy"], e, results.get("seeds") or [])
+            if found is not None:
+                figures += _overlay_figures(row["strategy"], *found)
+        if figures:
+            sections.append(
+                f"<h2>Segmentation: {html.escape(e)}</h2>"
+                '<p class="note">Each figure: the image | the ground truth | the prediction of the '
+                "last model, on the evaluation split, for one seed of each strategy; DSC from "
+                "the evaluation's per_image.csv (mean over the foreground classes).</p>"
+                + "".join(figures))
+    return sections
+
+
+def _overlay_folder(run_dir: Path, strategy: str, evaluation: str,
+                    seeds: list) -> tuple[int, Path] | None:
+    """(seed, overlays folder) of the first seed whose evaluation wrote overlays."""
+    for seed in seeds:
+        folder = run_dir / "cells" / strategy / f"seed{seed}" / f"eval_{evaluation}" / "overlays"
+        if folder.is_dir() and any(folder.glob("*.png")):
+            return seed, folder
+    return None
+
+
+def _overlay_figures(strategy: str, seed: int, folder: Path) -> list[str]:
+    """The first overlays of the evaluation split (``<split>_<image>.png``), captioned."""
+    eval_dir = folder.parent
+    split = (read_json_or_none(eval_dir / "summary.json") or {}).get("eval_split")
+    pngs = sorted(folder.glob("*.png"))
+    chosen = [p for p in pngs if split and p.name.startswith(f"{split}_")] or pngs
+    dice = _image_dice(eval_dir / "per_image.csv")
+    figures = []
+    for png in chosen[:MAX_SEGMENTATION_OVERLAYS]:
+        image_split, _, name = png.stem.partition("_")
+        score = dice.get((image_split, name))
+        caption = (f"{strategy}, seed {seed}: {name} ({image_split})"
+                   + (f", DSC {score:.2f}" if score is not None else ""))
+        figures.append(figure(png, caption))
+    return figures
+
+
+def _image_dice(per_image: Path) -> dict[tuple[str, str], float]:
+    """{(split, image): DSC averaged over the image's foreground classes}."""
+    if not per_image.is_file():
+        return {}
+    values: dict[tuple[str, str], list[float]] = {}
+    with per_image.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            try:
+                value = float(row.get("dice") or "nan")
+            except ValueError:
+                continue
+            if not np.isnan(value):
+                values.setdefault((row.get("split", ""), row.get("image", "")), []).append(value)
+    return {key: float(np.mean(v)) for key, v in values.items()}
 
 
 def _data_section(run_dir: Path) -> str:
@@ -217,8 +302,8 @@ def _pretraining_section(run_dir: Path) -> str:
                                             "input | region | masked cells | reconstruction"))
     curves = training_curves_png({s: p / "train_log.csv" for s, p in first_seed.items()})
     parts = ["<h2>Pretraining</h2>",
-             '<p class="note">Last epoch of each strategy (first seed). Masked cells are '
-             "darkened; the reconstruction is the decoder's output.</p>", *grids]
+             ('<p class="note">Last epoch of each strategy (first seed). Masked cells are '
+              "darkened; the reconstruction is the decoder's output.</p>"), *grids]
     if curves is not None:
         parts.append(figure(curves, "training loss and realized overall mask ratio per step", wide=True))
     return "\n".join(parts)

@@ -24,32 +24,34 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def accuracy_vs_ratio_png(results: dict) -> bytes:
-    """Each evaluation's primary metric (mean ± std over seeds; accuracy for classification)
-    against the realized overall mask ratio.
+def metric_vs_ratio_png(results: dict, evaluation: str) -> bytes:
+    """One evaluation's primary metric (mean ± std over seeds; accuracy for classification,
+    DSC for segmentation) against the realized overall mask ratio.
 
     One point per strategy: circles masking without regions, squares localized regions,
     triangles other region sources (ground truth, saliency); a dashed line for strategies
     without pretraining.
     """
     plt = _pyplot()
-    evals = results["evaluations"]
-    fig, axes = plt.subplots(1, len(evals), figsize=(7.5 * len(evals), 4.2), squeeze=False)
-    for ax, e in zip(axes[0], evals):
-        for row in results["strategies"]:
-            mean, std = row[f"{e}_mean"], row[f"{e}_std"]
-            if math.isnan(mean):
-                continue
-            if not row.get("pretrains", row["masking"] != "none"):  # results of older runs
-                ax.axhline(mean, color="gray", linestyle="--", label=f"{row['strategy']} (no pretraining)")
-                continue
-            marker = "o" if not row["regions"] else ("s" if row["regions"] == "localized" else "^")
-            ax.errorbar(row["ratio_overall"], mean, yerr=std, fmt=marker, capsize=3,
-                        label=row["strategy"])
-        ax.set_xlabel("realized overall mask ratio")
-        ax.set_ylabel(f"{e} {(results.get('primary') or {}).get(e, 'accuracy')}")
-        ax.set_title(f"{results['name']}: {e}")
-        ax.grid(alpha=0.3)
+    e = evaluation
+    metric = (results.get("primary") or {}).get(e, "accuracy")
+    task = (results.get("tasks") or {}).get(e)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for row in results["strategies"]:
+        mean, std = row[f"{e}_mean"], row[f"{e}_std"]
+        if math.isnan(mean):
+            continue
+        if not row.get("pretrains", row["masking"] != "none"):  # results of older runs
+            ax.axhline(mean, color="gray", linestyle="--", label=f"{row['strategy']} (no pretraining)")
+            continue
+        marker = "o" if not row["regions"] else ("s" if row["regions"] == "localized" else "^")
+        ax.errorbar(row["ratio_overall"], mean, yerr=std, fmt=marker, capsize=3,
+                    label=row["strategy"])
+    ax.set_xlabel("realized overall mask ratio")
+    ax.set_ylabel(f"{e} {metric}")
+    ax.set_title(f"{results['name']}: {e}" + (f" ({task})" if task else ""))
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # off the points
     fig.tight_layout()
     return _png(fig)
