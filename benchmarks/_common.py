@@ -32,10 +32,19 @@ def machine_line() -> str:
             f"1-min load average {START_LOAD:.2f} at the start, {end:.2f} at the end")
 
 
+def portable(text: str) -> str:
+    """``text`` with this machine's scratch paths replaced by ``WORK`` (results files name
+    commands anyone can run, not folders of the machine that ran them)."""
+    import tempfile
+
+    return text.replace(tempfile.gettempdir().rstrip("/") + "/", "WORK/")
+
+
 def write_result(name: str, title: str, body: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.md"
     command = "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    command, body = portable(command), portable(body)
     text = (f"# {title}\n\n- command: `{command}`\n- date: "
             f"{datetime.datetime.now().isoformat(timespec='seconds')}\n- machine: {machine_line()}\n\n{body}\n")
     path.write_text(text)

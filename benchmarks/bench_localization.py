@@ -19,6 +19,8 @@ Writes ``benchmarks/results/localization.md`` (+ ``localization.json`` and a fig
     python benchmarks/bench_localization.py --clip-seed 1   # another CLIP seed
     python benchmarks/bench_localization.py --tune          # choose M2IB + postprocessing on val
     python benchmarks/bench_localization.py --quick         # smoke run, ~1 minute
+    python benchmarks/bench_localization.py --findings multi --shifts 1 \\
+        --captions findings --swap-negatives --phrase-weight 1   # prompt selectivity
 """
 
 from __future__ import annotations
@@ -107,7 +109,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="use at most this many test images per group (0 = all)")
     p.add_argument("--out", default=str(RESULTS), help="results folder")
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
+    # finding prompts (see FINDINGS_DOC)
+    p.add_argument("--findings", default="none", choices=("none", "multi", "classes"),
+                   help="instead, score each finding prompt's DSC, selectivity and presence on "
+                        "multi-finding phantoms (multi) or per tumour class (classes)")
+    p.add_argument("--clip-seeds", type=lambda t: [int(v) for v in t.split(",")],
+                   default=[0, 1, 2], help="--findings: CLIP seeds (mean ± std over them)")
+    p.add_argument("--per-prompt", type=int, default=40,
+                   help="--findings: test (and validation) images per prompt and group")
+    p.add_argument("--objectives", type=lambda t: t.split(","),
+                   default=["published", "contrastive"], help="--findings: M2IB objectives")
+    p.add_argument("--temperature", type=float, default=0.1,
+                   help="--findings: contrastive M2IB and presence softmax temperature")
+    p.add_argument("--captions", default="general", choices=("general", "findings", "both"))
+    p.add_argument("--swap-negatives", action="store_true")
+    p.add_argument("--phrase-weight", type=float, default=0.0)
+    p.add_argument("--phrase-embedding", default="both", choices=("pooled", "token-max", "both", "tokens", "pooled+tokens"))
+    p.add_argument("--train-only", action="store_true",
+                   help="--findings: train the CLIP seeds and stop (a later run with "
+                        "--reuse-model scores them)")
+    p.add_argument("--tag", default="",
+                   help="--findings: results file suffix (localization-findings-TAG.md)")
     args = p.parse_args(argv)
+    args.findings_name = "localization-findings" + (f"-{args.tag}" if args.tag else "")
     if args.quick:
         args.n, args.budget, args.epochs, args.max_test = 200, 60.0, 3, 8
         args.tune_images = 8
@@ -116,6 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.findings != "none":
+        return main_findings(args, argv)
     import torch
 
     from mwm.clip import ClipTrainConfig, train_clip
@@ -497,6 +523,462 @@ def report(r: dict, argv) -> str:
                   "Columns: six lesion test images, then two lesion-free ones. Rows: image with "
                   "the lesion mask (red) and the prediction (green); M2IB map for "
                   f"\"{s['prompt']}\"; M2IB map for \"{a['prompt']}\" (lesion images only)."]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- findings
+
+FINDINGS_DOC = """--findings multi|classes: does the prompt choose where the saliency goes?
+
+On held-out phantoms with several findings (``multi``: ``generate_phantoms(...,
+findings="multi")``; ``classes``: the one-lesion phantoms, each tumour class a finding),
+for each finding prompt (its phrase in ``findings.csv``) and each M2IB objective:
+
+* DSC of the prompt's region against its own finding's mask (test images with it);
+* selectivity: that DSC minus the DSC of the same region against the other findings'
+  masks (same images, those that have another finding; ``classes``: the prompt's region
+  on images of another class against that lesion, as no image has two classes);
+* saliency mass on the own mask and on the other findings' masks;
+* presence AUROC (:func:`mwm.localize.m2ib.presence_scores`, or the same log-softmax
+  computed here when that function is not there) and, with the threshold calibrated on
+  validation images by Youden's J, the fraction of test images without the finding that
+  get an empty region, and the DSC when abstained positives count as empty regions.
+
+Over several CLIP seeds (``--clip-seeds``), mean ± std over seeds.
+"""
+
+FINDING_TARGETS = {"dice": 0.6, "selectivity": 0.4, "auroc": 0.9, "empty_fraction": 0.8}
+
+
+def findings_data(args) -> Path:
+    """The phantom folder with findings.csv / finding_captions.csv (written here for
+    ``classes``)."""
+    import csv
+    import inspect
+
+    from mwm.data.phantoms import generate_phantoms
+    from mwm.files import write_csv
+
+    work = Path(args.work)
+    data = work / f"phantoms-{args.findings}-{args.n}-{args.size}-s{args.seed}"
+    if (data / "dataset.json").is_file() and (data / "findings.csv").is_file():
+        return data
+    extra = {}
+    if args.findings == "multi":
+        if "findings" not in inspect.signature(generate_phantoms).parameters:
+            raise SystemExit("--findings multi needs generate_phantoms(..., findings='multi') "
+                             "(mwm.data.phantoms); use --findings classes meanwhile.")
+        extra["findings"] = "multi"
+    generate_phantoms(data, modality="brain-mri", n=args.n, size=args.size, seed=args.seed,
+                      workers=os.cpu_count() or 1, progress=False, **extra)
+    if args.findings == "classes":
+        labels = list(csv.DictReader(open(data / "labels.csv", newline="")))
+        captions = {r["image"]: r["caption"]
+                    for r in csv.DictReader(open(data / "captions.csv", newline=""))}
+        classes = [c for c in CLASS_PROMPTS if c != "none"]
+        rows, per = [], []
+        for r in labels:
+            for c in classes:
+                here = r["label"] == c
+                rows.append({"image": r["image"], "finding": c, "kind": "finding",
+                             "present": int(here), "mask": r["mask"] if here else "",
+                             "phrase": CLASS_PROMPTS[c]})
+                if here:
+                    per.append({"image": r["image"], "finding": c, "caption": captions[r["image"]]})
+        write_csv(data / "findings.csv", rows, ("image", "finding", "kind", "present", "mask",
+                                                "phrase"))
+        write_csv(data / "finding_captions.csv", per, ("image", "finding", "caption"))
+    return data
+
+
+def finding_rows(data: Path) -> tuple[list[str], dict[str, str], dict[str, dict], dict]:
+    """(findings of kind finding, their phrases, image → {finding: mask path or None},
+    image → split)."""
+    import csv
+
+    from mwm.clip.data import read_findings
+
+    table = read_findings(data)
+    names = [n for n, k in zip(table.names, table.kinds) if k != "anatomy"]
+    phrases = {n: table.phrase(n) for n in names}
+    have: dict[str, dict] = {}
+    for r in csv.DictReader(open(data / "findings.csv", newline="")):
+        if r["finding"] in phrases and r["present"].strip() in ("1", "true", "yes"):
+            mask = (r.get("mask") or "").strip()
+            have.setdefault(r["image"], {})[r["finding"]] = mask or None
+    split = {r["image"]: r["split"] for r in csv.DictReader(open(data / "labels.csv", newline=""))}
+    return names, phrases, have, split
+
+
+def _contrast(names, phrases, own) -> list[str]:
+    try:
+        from mwm.localize.presence import NORMAL_PROMPTS
+        normal = NORMAL_PROMPTS["brain-mri"]
+    except ImportError:
+        normal = "normal brain MRI"
+    return [normal] + [phrases[n] for n in names if n != own]
+
+
+def _presence(adapter, images, prompt, contrast, temperature):
+    """Presence scores: the library's when it has them, else the same log-softmax here."""
+    import torch
+
+    from mwm.localize import m2ib
+
+    if hasattr(m2ib, "presence_scores"):
+        return np.asarray(m2ib.presence_scores(adapter, images, [prompt] * len(images),
+                                               contrast, temperature=temperature), dtype=float)
+    with torch.no_grad():
+        text = adapter.embed_prompts([prompt] + list(contrast)).float()        # (1 + C, D)
+        out = []
+        for i in range(0, len(images), 32):
+            px = torch.stack([adapter.prepare(im)[0] for im in images[i:i + 32]])
+            emb = torch.nn.functional.normalize(adapter.encode_image(
+                px.to(adapter.device, adapter.dtype)).float(), dim=-1)
+            out.append(torch.log_softmax(emb @ text.T / temperature, dim=1)[:, 0])
+    return torch.cat(out).numpy().astype(float)
+
+
+def _youden(scores, present) -> tuple[float, str]:
+    try:
+        from mwm.localize.presence import youden_threshold
+        return float(youden_threshold(scores, present)), "mwm.localize.presence.youden_threshold"
+    except ImportError:
+        s, y = np.asarray(scores), np.asarray(present, bool)
+        best = max(np.unique(s), key=lambda t: ((s[y] >= t).mean() + (s[~y] < t).mean(), -t))
+        return float(best), "computed in the benchmark"
+
+
+def _auroc(pos, neg) -> float:
+    pos, neg = np.asarray(pos, float), np.asarray(neg, float)
+    if not len(pos) or not len(neg):
+        return float("nan")
+    return float(((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum())
+                 / (len(pos) * len(neg)))
+
+
+def evaluate_findings(args, data: Path, model_dir: Path, figure_seed: bool) -> dict:
+    """Per finding prompt and objective: DSC, selectivity, masses, presence (one CLIP)."""
+    import inspect
+
+    from mwm.data.io import load_model_input, read_mask
+    from mwm.localize.crf import model_input_to_rgb8
+    from mwm.localize.m2ib import M2IBConfig, saliency_maps
+    from mwm.localize.postprocess import PostprocessConfig
+    from mwm.localize.vlm import load_vlm
+    from mwm.metrics import dice
+
+    names, phrases, have, split = finding_rows(data)
+    adapter = load_vlm("local-dir:" + str(model_dir))
+    post = PostprocessConfig(method=args.method, threshold=args.threshold, top_k=args.top_k,
+                             rank=args.rank, crf=CRF_CANDIDATES[1] if args.crf else None)
+    can_contrast = "contrast" in inspect.signature(saliency_maps).parameters
+    objectives = [o for o in args.objectives if o == "published" or can_contrast]
+    cache: dict[str, np.ndarray] = {}
+
+    def image(name):
+        if name not in cache:
+            cache[name] = load_model_input(data / name)
+        return cache[name]
+
+    def mask(name, finding):
+        path = have.get(name, {}).get(finding)
+        if path is None:
+            shape = image(name).shape[1:]
+            return np.zeros(shape, dtype=bool)
+        return read_mask(data / path)
+
+    def others_mask(name, finding):
+        out = None
+        for g in have.get(name, {}):
+            if g != finding:
+                m = mask(name, g)
+                out = m if out is None else (out | m)
+        return out
+
+    def maps_for(names_, prompt, objective, contrast):
+        cfg = M2IBConfig(layer=args.layer, beta=args.beta, noise_scale=args.noise_scale,
+                         steps=args.steps, samples=args.samples, seed=args.seed,
+                         shifts=args.shifts, smooth=args.smooth,
+                         **({"objective": objective, "temperature": args.temperature}
+                            if objective != "published" else {}))
+        extra = {"contrast": contrast} if objective != "published" else {}
+        return saliency_maps(adapter, [image(n) for n in names_], prompt, cfg,
+                             keys=[Path(n).stem for n in names_], **extra)
+
+    test = sorted(n for n, s in split.items() if s == "test")
+    val = sorted(n for n, s in split.items() if s == "val")
+    k = args.per_prompt
+    out = {"findings": {}, "objectives": objectives, "threshold_source": None}
+    t_maps = 0.0
+    n_maps = 0
+    for f in names:
+        prompt, contrast = phrases[f], _contrast(names, phrases, f)
+        pos = [n for n in test if f in have.get(n, {})][:k]
+        neg = [n for n in test if f not in have.get(n, {})][:k]
+        vpos = [n for n in val if f in have.get(n, {})][:k]
+        vneg = [n for n in val if f not in have.get(n, {})][:k]
+        score = lambda group: _presence(adapter, [image(n) for n in group], prompt,  # noqa: E731
+                                        contrast, args.temperature)
+        s_pos, s_neg, v_pos, v_neg = score(pos), score(neg), score(vpos), score(vneg)
+        thr, source = _youden(np.r_[v_pos, v_neg], np.r_[[True] * len(v_pos), [False] * len(v_neg)])
+        out["threshold_source"] = source
+        res = {"prompt": prompt, "contrast": contrast, "n_pos": len(pos), "n_neg": len(neg),
+               "auroc": _auroc(s_pos, s_neg), "threshold": thr,
+               "empty_fraction": float(np.mean(s_neg < thr)) if len(neg) else None,
+               "kept_fraction": float(np.mean(s_pos >= thr)) if len(pos) else None,
+               "objectives": {}}
+        # selectivity images: with another finding (multi: among pos; classes: among neg)
+        mixed = [n for n in pos if others_mask(n, f) is not None]
+        leak = [n for n in neg if have.get(n)][:k] if not mixed else []
+        for objective in objectives:
+            t = time.perf_counter()
+            maps = maps_for(pos + leak, prompt, objective, contrast)
+            t_maps += time.perf_counter() - t
+            n_maps += len(pos + leak)
+            regions = [post.apply(m, model_input_to_rgb8(image(n))) for n, m in zip(pos + leak, maps)]
+            own = [dice(r, mask(n, f)) for n, r in zip(pos, regions)]
+            kept = s_pos >= thr
+            sel, mass_own, mass_other = [], [], []
+            for n, r, m in zip(pos, regions, maps):
+                other = others_mask(n, f)
+                total = max(float(m.sum()), 1e-9)
+                mass_own.append(float(m[mask(n, f)].sum()) / total)
+                if other is not None:
+                    sel.append(dice(r, mask(n, f)) - dice(r, other))
+                    mass_other.append(float(m[other].sum()) / total)
+            leak_dice = [dice(r, others_mask(n, f)) for n, r in
+                         zip(leak, regions[len(pos):])]
+            if leak:
+                sel = [float(np.mean(own)) - float(np.mean(leak_dice))]
+            res["objectives"][objective] = {
+                "dice": float(np.mean(own)) if own else None,
+                "dice_abstain": float(np.mean(np.where(kept, own, 0.0))) if own else None,
+                "selectivity": float(np.mean(sel)) if sel else None,
+                "selectivity_images": len(mixed) if mixed else len(leak),
+                "selectivity_kind": "same images" if mixed else "other-class images",
+                "mass_own": float(np.mean(mass_own)) if mass_own else None,
+                "mass_other": float(np.mean(mass_other)) if mass_other else None,
+            }
+        out["findings"][f] = res
+        print(f"  {f}: AUROC {res['auroc']:.3f}, empty {res['empty_fraction']}, " + ", ".join(
+            f"{o}: DSC {v['dice']:.3f} sel {v['selectivity']}" for o, v in
+            res["objectives"].items()), flush=True)
+    out["maps_per_second"] = n_maps / max(t_maps, 1e-9)
+    if figure_seed:
+        shown = sorted(test, key=lambda n: (-len(have.get(n, {})), n))[:4]
+        rows = {}
+        for objective in objectives:
+            for f in names:
+                rows[(objective, f)] = maps_for(shown, phrases[f], objective,
+                                                _contrast(names, phrases, f))
+        out["figure"] = findings_figure(args, data, shown, names, phrases, have, rows, image, mask)
+        # how much the prompt moves the map: mean |map(f) - map(g)| over prompt pairs
+        out["prompt_map_difference"] = {
+            o: float(np.mean([np.abs(a_ - b_).mean() for i, f in enumerate(names)
+                              for g in names[i + 1:]
+                              for a_, b_ in zip(rows[(o, f)], rows[(o, g)])]))
+            for o in objectives}
+    return out
+
+
+def findings_figure(args, data, shown, names, phrases, have, rows, image, mask) -> str:
+    """Rows = prompts, columns = the same 4 test images; one block per objective."""
+    import cv2
+
+    blocks = []
+    for objective in dict.fromkeys(o for o, _ in rows):
+        lines = []
+        for f in names:
+            tiles = []
+            for n, m in zip(shown, rows[(objective, f)]):
+                gray = cv2.cvtColor((image(n)[0] * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+                heat = cv2.applyColorMap((m * 255).astype(np.uint8), cv2.COLORMAP_JET)
+                tile = cv2.addWeighted(gray, 0.5, heat, 0.5, 0)
+                cnts, _ = cv2.findContours(mask(n, f).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                           cv2.CHAIN_APPROX_NONE)
+                cv2.drawContours(tile, cnts, -1, (255, 255, 255), 1)
+                tiles.append(tile)
+            row = np.hstack(tiles)
+            label = np.zeros((row.shape[0], 150, 3), np.uint8)
+            cv2.putText(label, phrases[f][:20], (3, row.shape[0] // 2), cv2.FONT_HERSHEY_SIMPLEX,
+                        0.4, (255, 255, 255), 1)
+            lines.append(np.hstack([label, row]))
+        head = np.zeros((18, lines[0].shape[1], 3), np.uint8)
+        cv2.putText(head, f"objective: {objective}", (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                    (255, 255, 255), 1)
+        blocks.append(np.vstack([head] + lines))
+    sheet = np.hstack([np.pad(b, ((0, 0), (0, 8), (0, 0))) for b in blocks])
+    path = Path(args.out) / f"{args.findings_name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), sheet)
+    return path.name
+
+
+def main_findings(args, argv) -> int:
+    import torch
+
+    from mwm.clip import ClipTrainConfig, train_clip
+    from mwm.runtime import configure_process
+
+    data = findings_data(args)
+    configure_process(threads=int(args.threads if args.threads != "auto" else 1))
+    seeds = args.clip_seeds
+    per_seed = {}
+    for i, seed in enumerate(seeds):
+        model_dir = Path(args.work) / f"clip-{args.findings_name}-s{seed}"
+        load_before = os.getloadavg()[0]
+        if args.reuse_model and (model_dir / "bench_train.json").is_file():
+            train = json.loads((model_dir / "bench_train.json").read_text())
+        else:
+            cfg = ClipTrainConfig(
+                pairs=str(data), out=str(model_dir), model=args.model, loss=args.loss,
+                negatives=args.negatives, epochs=args.epochs, batch_size=args.batch_size,
+                lr=args.lr, seed=seed, prompt_mix=args.prompt_mix,
+                token_max_weight=args.token_max_weight, captions=args.captions,
+                swap_negatives=args.swap_negatives, phrase_weight=args.phrase_weight,
+                phrase_embedding=args.phrase_embedding, quiet=True, resume=False,
+                time_limit=args.budget)
+            s = train_clip(cfg)
+            train = {k: v for k, v in s.as_dict().items() if k != "log"}
+            train.update(log=s.log, load_average_1min_before=load_before,
+                         load_average_1min_after=os.getloadavg()[0])
+            (model_dir / "bench_train.json").write_text(json.dumps(train, indent=1, default=str))
+        print(f"seed {seed}: {train['n_pairs']} pairs, {len(train['log'])} epochs in "
+              f"{train['seconds']:.0f} s (load {train['load_average_1min_before']:.1f} → "
+              f"{train['load_average_1min_after']:.1f}), final loss {train['final_loss']:.3f}",
+              flush=True)
+        if args.train_only:
+            continue
+        t = time.perf_counter()
+        result = evaluate_findings(args, data, model_dir, figure_seed=i == 0)
+        result["eval_seconds"] = time.perf_counter() - t
+        result["training"] = train
+        per_seed[seed] = result
+    if args.train_only:
+        return 0
+    summary = aggregate_findings(per_seed)
+    results = {"per_seed": per_seed, "summary": summary,
+               "settings": {k: v for k, v in vars(args).items()},
+               "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
+                           "platform": platform.platform()}}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.findings_name}.json").write_text(json.dumps(results, indent=1, default=str))
+    write_report(out / f"{args.findings_name}.md", findings_report(results, argv))
+    print((out / f"{args.findings_name}.md").read_text())
+    return 0
+
+
+def _mean_std(values) -> dict:
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    return {"mean": float(v.mean()) if v.size else None,
+            "std": float(v.std()) if v.size else None, "n": int(v.size)}
+
+
+def aggregate_findings(per_seed: dict) -> dict:
+    """Mean ± std over seeds, per finding and objective, and of the per-finding means."""
+    first = next(iter(per_seed.values()))
+    out = {}
+    for f in first["findings"]:
+        entry = {m: _mean_std([r["findings"][f][m] for r in per_seed.values()])
+                 for m in ("auroc", "empty_fraction", "kept_fraction")}
+        for o in first["objectives"]:
+            entry[o] = {m: _mean_std([r["findings"][f]["objectives"][o][m]
+                                      for r in per_seed.values()])
+                        for m in ("dice", "dice_abstain", "selectivity", "mass_own", "mass_other")}
+        out[f] = entry
+    overall = {m: _mean_std([np.nanmean([r["findings"][f][m] if r["findings"][f][m] is not None
+                                         else np.nan for f in first["findings"]])
+                             for r in per_seed.values()])
+               for m in ("auroc", "empty_fraction")}
+    for o in first["objectives"]:
+        overall[o] = {m: _mean_std([np.nanmean([
+            r["findings"][f]["objectives"][o][m]
+            if r["findings"][f]["objectives"][o][m] is not None else np.nan
+            for f in first["findings"]]) for r in per_seed.values()])
+            for m in ("dice", "dice_abstain", "selectivity", "mass_own", "mass_other")}
+    out["_mean_over_findings"] = overall
+    return out
+
+
+def _ms2(s: dict) -> str:
+    return "—" if s.get("mean") is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
+
+
+def findings_report(r: dict, argv) -> str:
+    s, summary = r["settings"], r["summary"]
+    cmd = "python benchmarks/bench_localization.py " + " ".join(argv or sys.argv[1:])
+    seeds = list(r["per_seed"])
+    first = r["per_seed"][seeds[0]]
+    objectives = first["objectives"]
+    lines = [f"# Does the prompt choose where the saliency goes? (`--findings {s['findings']}`)",
+             "", f"Command: `{cmd.strip()}`", "",
+             f"CLIP seeds {', '.join(map(str, seeds))}; values are mean ± std over the seeds "
+             f"(each seed: up to {s['per_prompt']} held-out test images per prompt). Targets: "
+             "DSC ≥ 0.6, selectivity ≥ 0.4, presence AUROC ≥ 0.9, empty fraction ≥ 0.8.",
+             "", "## Mean over the finding prompts", "",
+             "| objective | DSC | DSC with abstention | selectivity | mass on own / other "
+             "findings' masks | presence AUROC | empty fraction (no finding) |",
+             "|---|---|---|---|---|---|---|"]
+    mo = summary["_mean_over_findings"]
+    for o in objectives:
+        v = mo[o]
+        lines.append(f"| {o} | {_ms2(v['dice'])} | {_ms2(v['dice_abstain'])} | "
+                     f"{_ms2(v['selectivity'])} | {_ms2(v['mass_own'])} / {_ms2(v['mass_other'])} "
+                     f"| {_ms2(mo['auroc'])} | {_ms2(mo['empty_fraction'])} |")
+    lines += ["", "## Per finding prompt", "",
+              "| finding (prompt) | objective | DSC | selectivity | mass own / other | "
+              "AUROC | empty fraction | kept fraction (with finding) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for f, e in summary.items():
+        if f.startswith("_"):
+            continue
+        for o in objectives:
+            v = e[o]
+            lines.append(f"| {f} (\"{first['findings'][f]['prompt']}\") | {o} | {_ms2(v['dice'])} "
+                         f"| {_ms2(v['selectivity'])} | {_ms2(v['mass_own'])} / "
+                         f"{_ms2(v['mass_other'])} | {_ms2(e['auroc'])} | "
+                         f"{_ms2(e['empty_fraction'])} | {_ms2(e['kept_fraction'])} |")
+    sel_kind = {first["findings"][f]["objectives"][objectives[0]]["selectivity_kind"]
+                for f in first["findings"]}
+    lines += ["", "## Settings", "",
+              f"* Data: brain-MRI phantoms, `--findings {s['findings']}`, n={s['n']}, "
+              f"size {s['size']}, seed {s['seed']}; CLIP trained on the train split, the "
+              "presence threshold calibrated (Youden's J) on up to "
+              f"{s['per_prompt']} + {s['per_prompt']} validation images per prompt "
+              f"({first['threshold_source']}), everything else scored on test images.",
+              f"* CLIP: `{s['model']}`, loss {s['loss']}, negatives {s['negatives']}, captions "
+              f"{s['captions']}, swap negatives {s['swap_negatives']}, phrase weight "
+              f"{s['phrase_weight']} ({s['phrase_embedding']}), token-max weight "
+              f"{s['token_max_weight'] if s['token_max_weight'] is not None else 'default (1)'}, "
+              f"prompt_mix {s['prompt_mix']}, batch {s['batch_size']}, {s['epochs']} epochs "
+              f"planned, budget {s['budget']:.0f} s, {s['threads']} thread(s).",
+              f"* M2IB: layer {s['layer']}, beta {s['beta']}, noise scale {s['noise_scale']}, "
+              f"shifts {s['shifts']}, smooth {s['smooth']}, {s['steps']} steps × {s['samples']} "
+              f"samples; contrastive temperature {s['temperature']}; contrast prompts: the "
+              "normal-brain prompt and the other findings' phrases. Postprocess "
+              f"{s['method']}, top-{s['top_k']} by {s['rank']}, CRF {s['crf']}.",
+              f"* Selectivity: {', '.join(sorted(sel_kind))}.", "",
+              "## Per seed (training)", "",
+              "| seed | pairs | epochs | seconds | final loss | load before → after | "
+              "eval seconds | maps/s |", "|---|---|---|---|---|---|---|---|"]
+    for seed, res in r["per_seed"].items():
+        t = res["training"]
+        lines.append(f"| {seed} | {t['n_pairs']} | {len(t['log'])} | {t['seconds']:.0f} | "
+                     f"{t['final_loss']:.3f} | {t['load_average_1min_before']:.1f} → "
+                     f"{t['load_average_1min_after']:.1f} | {res['eval_seconds']:.0f} | "
+                     f"{res['maps_per_second']:.2f} |")
+    if first.get("prompt_map_difference"):
+        lines += ["", "Mean \\|map(prompt A) − map(prompt B)\\| over the prompt pairs on the "
+                  "figure's four images (maps in [0, 1]), CLIP seed "
+                  f"{seeds[0]}: " + ", ".join(f"{o} {v:.3f}" for o, v in
+                                             first["prompt_map_difference"].items()) + "."]
+    if first.get("figure"):
+        lines += ["", "## Figure", "", f"![maps]({first['figure']})", "",
+                  f"CLIP seed {seeds[0]}. Rows: the finding prompts; columns: the same four "
+                  "test images (those with the most findings); white contour: the prompt's "
+                  "finding mask (none when absent). One block per M2IB objective."]
     return "\n".join(lines) + "\n"
 
 

@@ -307,14 +307,14 @@ def test_scratch_arch_options_and_csv_pairs(phantoms, tmp_path):
 
 def test_negative_groups_follow_labels():
     from mwm.clip.data import CaptionPair
-    from mwm.clip.train import _same_group
+    from mwm.clip.batches import same_group
 
     data = [CaptionPair(f"{i}.png", c, lab) for i, (c, lab) in enumerate(
         [("normal brain", "none"), ("unremarkable brain", "none"), ("glioma left", "glioma"),
          ("glioma right", "glioma"), ("meningioma", "meningioma"), ("no label", None)])]
     idx = list(range(len(data)))
-    normal = _same_group(data, idx, "normal", "cpu")
-    label = _same_group(data, idx, "label", "cpu")
+    normal = same_group(data, idx, "normal", "cpu")
+    label = same_group(data, idx, "label", "cpu")
     # two lesion-free images are never negatives, whatever their wording
     assert normal[0, 1] and normal[1, 0] and label[0, 1]
     # findings of one class are negatives under "normal", not under "label"

@@ -8,6 +8,15 @@
   holds ``labels.csv`` with a ``split`` column, only its **train** images are used, and
   its ``label`` and ``prompt`` columns are attached to the pairs.
 
+A folder written with several findings per image (``mwm phantoms --findings multi``) may
+also hold ``findings.csv`` (image, finding, kind, present, mask, phrase: one row per image
+and finding) and ``finding_captions.csv`` (image, finding, caption: one caption per
+present finding). ``captions="findings"`` trains on the finding captions (plus the general
+caption of every image without any present finding, so lesion-free images are still
+seen), ``"both"`` on the finding captions and all general captions; either way every
+pair carries its image's present findings (:class:`FindingTable`), which the swap-finding
+negatives and the phrase loss of :mod:`mwm.clip.train` read.
+
 Preprocessing matches the localization adapters: ``to_model_input`` (float32 (3, H, W)
 in [0, 1]) → zero-pad to a centred square → resize to the model's input size. The
 model's mean/std normalisation is applied later, on the batch.
@@ -39,44 +48,179 @@ from ..errors import DataError
 from ..data.io import is_image_file, read_image, to_model_input
 
 NO_FINDING_LABELS = ("", "none", "normal", "healthy", "no finding", "no lesion")
+#: ``captions``: which captions of a folder to train on.
+CAPTION_SOURCES = ("general", "findings", "both")
+FINDINGS_NAME = "findings.csv"
+FINDING_CAPTIONS_NAME = "finding_captions.csv"
 
 
 @dataclass(frozen=True)
 class CaptionPair:
-    """One training pair: an image file, its caption, and optional label/prompt."""
+    """One training pair: an image file, its caption, and optional label/prompt.
+
+    ``finding``: the finding a per-finding caption names (None for a general caption);
+    ``findings``: the findings present in the image, when the folder lists them
+    (``findings.csv``; None = not known)."""
 
     image: Path
     caption: str
     label: str | None = None
     prompt: str | None = None
+    finding: str | None = None
+    findings: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class FindingTable:
+    """``findings.csv`` of a folder: the findings, their phrases, and who has which.
+
+    ``names``: the findings in order of first appearance; ``phrases``: one text phrase per
+    finding (its most frequent ``phrase`` cell; the finding's name when none is given);
+    ``kinds``: its ``kind`` cell (e.g. finding / anatomy); ``present``: image key (the
+    normalized path) → the findings present in it."""
+
+    names: tuple[str, ...]
+    phrases: tuple[str, ...]
+    kinds: tuple[str, ...]
+    present: dict[str, frozenset[str]]
+
+    def phrase(self, finding: str) -> str:
+        return self.phrases[self.names.index(finding)]
 
 
 # --------------------------------------------------------------------------- reading
 
-def read_pairs(pairs: str | os.PathLike, split: str = "train") -> list[CaptionPair]:
-    """Resolve a CSV or a phantom-style folder to a list of :class:`CaptionPair`."""
+def read_pairs(pairs: str | os.PathLike, split: str = "train",
+               captions: str = "general") -> list[CaptionPair]:
+    """Resolve a CSV or a phantom-style folder to a list of :class:`CaptionPair`.
+
+    ``captions`` (folders only): ``general`` (``captions.csv``), ``findings``
+    (``finding_captions.csv``, plus the general caption of images without a present
+    finding) or ``both``. A folder with ``findings.csv`` gives every pair its image's
+    present findings."""
+    if captions not in CAPTION_SOURCES:
+        raise ValueError(f"captions must be one of {', '.join(CAPTION_SOURCES)}, got {captions!r}")
     source = Path(pairs)
     if source.is_dir():
-        captions_csv = source / "captions.csv"
-        if not captions_csv.is_file():
-            raise DataError(f"{captions_csv}: caption file not found. A pairs folder needs "
-                            "captions.csv with image,caption columns (as `mwm phantoms` "
-                            "writes), or pass a CSV file with those columns.")
-        rows = _read_rows(captions_csv, ("image", "caption"))
-        labels_csv = source / "labels.csv"
-        meta = _read_rows(labels_csv, ("image",)) if labels_csv.is_file() else []
-        by_image = {_key(source, r["image"]): r for r in meta}
-        out = []
-        wanted = split if any((r.get("split") or "").strip() for r in meta) else None
-        for line, row in enumerate(rows, start=2):
-            info = by_image.get(_key(source, row["image"]), {})
-            if wanted and (info.get("split") or "").strip() != wanted:
-                continue
-            out.append(_pair(source, row, f"{captions_csv}, line {line}", info))
-        if not out:
-            raise DataError(f"{captions_csv}: no {wanted or ''} pairs to train on"
-                            + (f" (labels.csv has no rows with split={wanted})." if wanted else "."))
-        return out
+        general = _read_folder(source, split)
+        return _with_findings(source, general, captions, split)
+    if captions != "general":
+        raise DataError(f"{source}: --captions {captions} needs a folder with "
+                        f"{FINDING_CAPTIONS_NAME} (as `mwm phantoms --findings multi` writes), "
+                        "not a CSV file; use --captions general.")
+    return _read_csv(source, split)
+
+
+def _read_folder(source: Path, split: str) -> list[CaptionPair]:
+    captions_csv = source / "captions.csv"
+    if not captions_csv.is_file():
+        raise DataError(f"{captions_csv}: caption file not found. A pairs folder needs "
+                        "captions.csv with image,caption columns (as `mwm phantoms` "
+                        "writes), or pass a CSV file with those columns.")
+    rows = _read_rows(captions_csv, ("image", "caption"))
+    labels_csv = source / "labels.csv"
+    meta = _read_rows(labels_csv, ("image",)) if labels_csv.is_file() else []
+    by_image = {_key(source, r["image"]): r for r in meta}
+    out = []
+    wanted = split if any((r.get("split") or "").strip() for r in meta) else None
+    for line, row in enumerate(rows, start=2):
+        info = by_image.get(_key(source, row["image"]), {})
+        if wanted and (info.get("split") or "").strip() != wanted:
+            continue
+        out.append(_pair(source, row, f"{captions_csv}, line {line}", info))
+    if not out:
+        raise DataError(f"{captions_csv}: no {wanted or ''} pairs to train on"
+                        + (f" (labels.csv has no rows with split={wanted})." if wanted else "."))
+    return out
+
+
+def read_findings(folder: str | os.PathLike) -> FindingTable | None:
+    """``findings.csv`` of a folder as a :class:`FindingTable` (None when it has none)."""
+    from collections import Counter
+
+    path = Path(folder) / FINDINGS_NAME
+    if not path.is_file():
+        return None
+    rows = _read_rows(path, ("image", "finding", "present"))
+    names: list[str] = []
+    phrases: dict[str, Counter] = {}
+    kinds: dict[str, str] = {}
+    present: dict[str, set[str]] = {}
+    for line, row in enumerate(rows, start=2):
+        name = row["finding"].strip()
+        if not name or not row["image"].strip():
+            raise DataError(f"{path}, line {line}: empty 'image' or 'finding' cell.")
+        flag = row["present"].strip().lower()
+        if flag not in ("0", "1", "true", "false", "yes", "no"):
+            raise DataError(f"{path}, line {line}: 'present' must be 0 or 1, got {flag!r}.")
+        if name not in phrases:
+            names.append(name)
+            phrases[name] = Counter()
+            kinds[name] = (row.get("kind") or "").strip()
+        phrase = (row.get("phrase") or "").strip()
+        if phrase:
+            phrases[name][phrase] += 1
+        found = present.setdefault(_key(path.parent, row["image"]), set())
+        if flag in ("1", "true", "yes"):
+            found.add(name)
+    if not names:
+        raise DataError(f"{path}: no findings listed.")
+    # most frequent phrase; ties broken by the first seen (Counter keeps insertion order)
+    best = tuple(phrases[n].most_common(1)[0][0] if phrases[n] else n for n in names)
+    return FindingTable(tuple(names), best, tuple(kinds[n] for n in names),
+                        {k: frozenset(v) for k, v in present.items()})
+
+
+def _with_findings(source: Path, general: list[CaptionPair], captions: str,
+                   split: str) -> list[CaptionPair]:
+    """The general pairs and/or the finding-caption pairs, each with its image's findings."""
+    import dataclasses
+
+    table = read_findings(source)
+    if table is None and captions == "general":
+        return general
+    per_finding = source / FINDING_CAPTIONS_NAME
+    if captions != "general" and not per_finding.is_file():
+        raise DataError(f"{per_finding}: not found; --captions {captions} trains on one caption "
+                        "per present finding (image,finding,caption columns, as `mwm phantoms "
+                        "--findings multi` writes). Use --captions general for this folder.")
+    if table is None:
+        raise DataError(f"{source / FINDINGS_NAME}: not found; --captions {captions} needs the "
+                        "findings of every image (image,finding,present columns) next to "
+                        f"{FINDING_CAPTIONS_NAME}.")
+
+    def found(pair: CaptionPair) -> tuple[str, ...] | None:
+        have = table.present.get(_key(source, str(pair.image)))
+        return None if have is None else tuple(n for n in table.names if n in have)
+
+    general = [dataclasses.replace(p, findings=found(p)) for p in general]
+    if captions == "general":
+        return general
+    by_image = {_key(source, str(p.image)): p for p in general}   # the split's images only
+    extra = []
+    for line, row in enumerate(_read_rows(per_finding, ("image", "finding", "caption")), start=2):
+        base = by_image.get(_key(source, row["image"]))
+        if base is None:
+            continue  # another split (or an image without a general caption)
+        name, text = row["finding"].strip(), row["caption"].strip()
+        where = f"{per_finding}, line {line}"
+        if name not in table.names:
+            raise DataError(f"{where}: finding {name!r} is not in {FINDINGS_NAME} "
+                            f"({', '.join(table.names)}).")
+        if not text:
+            raise DataError(f"{where}: empty 'caption' for {row['image'].strip()}.")
+        extra.append(dataclasses.replace(base, caption=text, finding=name))
+    if not extra:
+        raise DataError(f"{per_finding}: no {split} rows; nothing to train on with "
+                        f"--captions {captions}.")
+    if captions == "both":
+        return general + extra
+    # "findings": lesion-free images keep their general caption (they have no finding one)
+    named = {_key(source, str(p.image)) for p in extra}
+    return extra + [p for p in general if _key(source, str(p.image)) not in named]
+
+
+def _read_csv(source: Path, split: str) -> list[CaptionPair]:
     if source.is_file():
         if source.suffix.lower() != ".csv":
             raise DataError(f"{source}: pairs must be a CSV file (image,caption columns) or a "
@@ -243,3 +387,23 @@ def augment_batch(images: "torch.Tensor", captions: list[str], generator: "torch
 def is_finding(label: str | None) -> bool:
     """True for a label that names a finding (not a no-finding class such as 'none')."""
     return label is not None and label.strip().lower() not in NO_FINDING_LABELS
+
+
+def lesion_free(pair: CaptionPair, table: FindingTable | None = None) -> bool:
+    """A general caption of an image without findings: with a findings table, no present
+    finding other than anatomy (kind ``anatomy``); else a no-finding label."""
+    if pair.finding is not None:
+        return False
+    if pair.findings is not None and table is not None:
+        return all(table.kinds[table.names.index(n)] == "anatomy" for n in pair.findings)
+    return not is_finding(pair.label)
+
+
+def swap_finding(caption: str, old: str, new: str) -> str | None:
+    """``caption`` with the phrase ``old`` (whole words, any case) replaced by ``new``;
+    None when ``caption`` does not contain ``old``."""
+    pattern = re.compile(r"\b" + r"\s+".join(map(re.escape, old.split())) + r"\b",
+                         re.IGNORECASE)
+    if not old.strip() or not pattern.search(caption):
+        return None
+    return pattern.sub(lambda _: new, caption)

@@ -286,9 +286,15 @@ def load_clip(folder: str | os.PathLike, device: str = "cpu"):
 
 
 def encode_image_and_token_max(net, pixels):
-    """``(embedding, token_max)``: the model's normalized image embedding, and the
-    normalized per-channel maximum over its patch tokens after the head's LayerNorm and
-    projection (B, D each).
+    """See :func:`encode_image_tokens`: ``(embedding, token_max)``."""
+    pooled, _, token_max = encode_image_tokens(net, pixels)
+    return pooled, token_max
+
+
+def encode_image_tokens(net, pixels):
+    """``(embedding, tokens, token_max)``: the model's normalized image embedding (B, D),
+    its patch tokens after the head's LayerNorm and projection, normalized (B, N, D), and
+    the normalized per-channel maximum over those tokens before normalization (B, D).
 
     The pooled embedding of a mean-pooled ViT can be moved by a 4-token lesion only if
     many tokens copy its evidence; the maximum is moved by one token alone. Only the
@@ -308,4 +314,5 @@ def encode_image_and_token_max(net, pixels):
     finally:
         v.output_tokens = False
     token_emb = tokens @ v.proj                             # (B, N, D)
-    return F.normalize(pooled, dim=-1), F.normalize(token_emb.amax(dim=1), dim=-1)
+    return (F.normalize(pooled, dim=-1), F.normalize(token_emb, dim=-1),
+            F.normalize(token_emb.amax(dim=1), dim=-1))

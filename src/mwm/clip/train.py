@@ -37,10 +37,13 @@ from ..config import check_ranges, opt
 from ..errors import DataError
 from ..files import atomic_path, write_csv
 from ..utils import AMP_CHOICES
-from .data import CaptionPair, augment_batch, is_finding, load_images, read_pairs
-from .losses import LOSSES, contrastive_loss, same_caption_matrix
+from .batches import caption_pool, same_group, same_image
+from .data import (CAPTION_SOURCES, FINDINGS_NAME, CaptionPair, FindingTable, augment_batch,
+                   is_finding, load_images, read_findings, read_pairs,
+                   swap_finding)
+from .losses import LOSSES, PhraseHead, contrastive_loss, same_caption_matrix
 from .model import (CONFIG_NAME, OPENAI_MEAN, OPENAI_STD, PRESET_LR, SCRATCH_TOKEN_MAX_WEIGHT,
-                    WEIGHTS_NAME, _image_size, build_model, encode_image_and_token_max,
+                    WEIGHTS_NAME, _image_size, build_model, encode_image_tokens,
                     recommended_m2ib, save_model_folder)
 
 __all__ = ["CHECKPOINT_NAME", "CONFIG_NAME", "ClipTrainConfig", "ClipTrainSummary", "LOG_NAME",
@@ -51,6 +54,8 @@ LOG_NAME = "train_log.csv"
 LOG_FIELDS = ("epoch", "loss", "lr", "seconds", "images_per_second")
 #: Which pairs of a batch are not negatives, besides identical captions.
 NEGATIVES = ("caption", "normal", "label")
+#: Which image embedding the phrase loss reads.
+PHRASE_EMBEDDINGS = ("pooled", "token-max", "both", "tokens", "pooled+tokens")
 
 
 @dataclass(kw_only=True)
@@ -100,6 +105,21 @@ class ClipTrainConfig:
         None, "add W x the contrastive loss of the per-channel maximum over patch tokens, which "
         "keeps a small lesion's evidence on its own tokens for M2IB (default: 1 for scratch "
         "models, 0 when fine-tuning)", low=0.0, metavar="W")
+    captions: str = opt("general", "which captions of a folder: general (captions.csv), "
+                        "findings (finding_captions.csv: one caption per present finding, "
+                        "plus the general caption of lesion-free images) or both",
+                        choices=CAPTION_SOURCES)
+    swap_negatives: bool = opt(False, "give every pair one more negative: a caption of a "
+                               "finding its image does not have (its own caption with the "
+                               "finding's phrase swapped when it names one; needs "
+                               "findings.csv)")
+    phrase_weight: float = opt(0.0, "add W x a multi-label sigmoid loss of the image embedding "
+                               "against every finding phrase of findings.csv (target: the "
+                               "finding is present)", low=0.0, metavar="W")
+    phrase_embedding: str = opt("both", "image embedding(s) the phrase loss reads: pooled, "
+                                "token-max (the token-max loss's), both (those two), tokens "
+                                "(each patch token, the best one counts) or pooled+tokens",
+                                choices=PHRASE_EMBEDDINGS)
     split: str = opt("train", "the split of the pairs to train on")
     resume: bool = opt(True, "continue an existing run in --out (--no-resume refuses)")
     time_limit: float | None = opt(None, "stop after this many seconds (at an epoch end; a "
@@ -156,7 +176,10 @@ def decays(name: str, param) -> bool:
 def _data_digest(pairs: list[CaptionPair]) -> str:
     h = hashlib.sha256()
     for p in pairs:
-        h.update(f"{p.image}\t{p.caption}\t{p.label}\t{p.prompt}\n".encode("utf-8"))
+        # the findings only when known: digests of folders without them stay as they were
+        known = "" if p.finding is None and p.findings is None else \
+            f"\t{p.finding}\t{','.join(p.findings or ())}"
+        h.update(f"{p.image}\t{p.caption}\t{p.label}\t{p.prompt}{known}\n".encode("utf-8"))
     return h.hexdigest()[:16]
 
 
@@ -186,7 +209,10 @@ class _ClipRun:
         self.cfg, self.out = cfg, Path(cfg.out)
         self.device = resolve_device(cfg.device)
         self.amp_mode = _amp_mode(cfg.amp, self.device)
-        self.data = read_pairs(cfg.pairs, split=cfg.split)
+        self.data = read_pairs(cfg.pairs, split=cfg.split, captions=cfg.captions)
+        self.table = _finding_table(cfg)
+        self.pool = caption_pool(self.data)
+        self.phrase_head = PhraseHead() if cfg.phrase_weight else None
         self.net, self.tokenizer, self.model_cfg, self.pre_cfg, kind = build_model(
             cfg.model, input_size=cfg.input_size, arch=cfg.arch, pretrained=cfg.pretrained,
             seed=cfg.seed)
@@ -194,12 +220,19 @@ class _ClipRun:
         self.token_max = cfg.token_max_weight
         if self.token_max is None:
             self.token_max = SCRATCH_TOKEN_MAX_WEIGHT if kind == "scratch" else 0.0
+        self.phrase_on = ({"both": ("pooled", "token-max")}.get(
+            cfg.phrase_embedding, tuple(cfg.phrase_embedding.split("+")))
+            if self.phrase_head else ())
         # M2IB advice only where it was measured: models trained from scratch
         self.m2ib = recommended_m2ib(self.model_cfg, self.token_max) if kind == "scratch" else None
         default_lr = PRESET_LR.get(cfg.model, 5e-4) if kind == "scratch" else 1e-5
         peak = float(cfg.lr if cfg.lr is not None else default_lr)
         self.settings = self._settings(peak)
         self.net.to(self.device)
+        trained = self.net
+        if self.phrase_head is not None:  # its scale and bias are optimized (and clipped) too
+            self.phrase_head.to(self.device)
+            trained = torch.nn.ModuleDict({"net": self.net, "phrase": self.phrase_head})
         n = len(self.data)
         self.steps_per_epoch = n // cfg.batch_size if n >= cfg.batch_size else 1
         self.bsz = min(cfg.batch_size, n)
@@ -207,10 +240,10 @@ class _ClipRun:
             raise DataError(f"{cfg.pairs}: only {n} training pair(s); contrastive training "
                             "needs at least 2.")
         total = cfg.epochs * self.steps_per_epoch
-        groups = param_groups(self.net, decays=decays, weight_decay=cfg.weight_decay,
+        groups = param_groups(trained, decays=decays, weight_decay=cfg.weight_decay,
                               order=lambda key: not key[1])  # decay group first (as saved)
         optimizer = build_optimizer(groups, "adamw", betas=(0.9, 0.98), eps=1e-6)
-        self.engine = Engine(self.net, optimizer, device=self.device, amp=self.amp_mode,
+        self.engine = Engine(trained, optimizer, device=self.device, amp=self.amp_mode,
                              schedule=Schedule(peak, total, int(round(cfg.warmup * total)),
                                                shift=1, end=total),
                              clip=cfg.grad_clip)
@@ -235,13 +268,26 @@ class _ClipRun:
             "prompt_mix": float(cfg.prompt_mix), "grad_clip": cfg.grad_clip,
             "negatives": cfg.negatives,
             # only when used, so that fine-tuning checkpoints written before it existed resume
-            **self._token_max_setting(),
+            **self._token_max_setting(), **self._findings_settings(),
             "split": cfg.split, "n_pairs": len(self.data), "data_digest": _data_digest(self.data),
             "amp": self.amp_mode,
         }
 
     def _token_max_setting(self) -> dict:
         return {"token_max_weight": float(self.token_max)} if self.token_max else {}
+
+    def _findings_settings(self) -> dict:
+        """The finding options that differ from their defaults (older checkpoints resume)."""
+        cfg, out = self.cfg, {}
+        if cfg.captions != "general":
+            out["captions"] = cfg.captions
+        if cfg.swap_negatives:
+            out["swap_negatives"] = True
+        if cfg.phrase_weight:
+            out.update(phrase_weight=float(cfg.phrase_weight),
+                       phrase_embedding=cfg.phrase_embedding,
+                       phrases=list(self.table.phrases))
+        return out
 
     def run(self) -> ClipTrainSummary:
         cfg, engine = self.cfg, self.engine
@@ -254,7 +300,8 @@ class _ClipRun:
         self.extra = {"trained_by": "mwm clip train", "loss": cfg.loss, "epochs_done": 0,
                       "input": "to_model_input -> zero-pad to centred square -> resize "
                                "(bilinear) -> normalize(mean, std)",
-                      "pad_to_square": True, "n_pairs": len(self.data), **self._token_max_setting()}
+                      "pad_to_square": True, "n_pairs": len(self.data), **self._token_max_setting(),
+                      **self._findings_settings()}
         seen, t_train, stopped = 0, time.perf_counter(), False
         self.net.train()
         for epoch in range(start_epoch, cfg.epochs):
@@ -292,6 +339,8 @@ class _ClipRun:
             engine.step()
             with torch.no_grad():
                 self.net.logit_scale.clamp_(0, math.log(100))
+                if self.phrase_head is not None:
+                    self.phrase_head.logit_scale.clamp_(0, math.log(100))
             losses.append(float(value.detach()))
             seen += len(idx)
         seconds = time.perf_counter() - t0
@@ -320,23 +369,87 @@ class _ClipRun:
         x, captions = augment_batch(x, captions, generator, min_scale=cfg.min_scale,
                                     hflip=cfg.hflip, jitter=cfg.jitter)
         x = ((x - self.mean) / self.std).to(dev)
-        tokens = self.tokenizer(captions).to(dev)
+        rows = idx.tolist()
+        # swap-finding negatives: drawn after the augmentation, so runs without them
+        # draw exactly what they drew before the option existed
+        extra, owner = (self._swap_negatives(rows, captions, generator) if cfg.swap_negatives
+                        else ([], []))
+        phrases = list(self.table.phrases) if self.phrase_head is not None else []
+        tokens = self.tokenizer(captions + extra + phrases).to(dev)
         same = same_caption_matrix(captions, dev)
         if cfg.negatives != "caption":
-            same = same | _same_group(self.data, idx.tolist(), cfg.negatives, dev)
+            same = same | same_group(self.data, rows, cfg.negatives, dev, self.table)
+        if cfg.captions != "general":  # two true captions of one image are not negatives
+            same = same | same_image(self.data, rows, dev)
         with self.engine.autocast():
-            if self.token_max:
-                img, img_max = encode_image_and_token_max(self.net, x)
+            if self.token_max or {"token-max", "tokens"} & set(self.phrase_on):
+                img, img_tokens, img_max = encode_image_tokens(self.net, x)
             else:
                 img = self.net.encode_image(x, normalize=True)
-            txt = self.net.encode_text(tokens, normalize=True)
-        terms = dict(tau=cfg.tau, beta1=cfg.beta1, beta2=cfg.beta2)
-        value = contrastive_loss(cfg.loss, img.float(), txt.float(), self.net.logit_scale, same,
+            txt_all = self.net.encode_text(tokens, normalize=True).float()
+        b, k = len(captions), len(extra)
+        txt, hard, phrase_txt = txt_all[:b], txt_all[b:b + k], txt_all[b + k:]
+        owner_t = torch.tensor(owner, dtype=torch.long, device=dev) if k else None
+        terms = dict(tau=cfg.tau, beta1=cfg.beta1, beta2=cfg.beta2,
+                     extra=hard if k else None, owner=owner_t)
+        value = contrastive_loss(cfg.loss, img.float(), txt, self.net.logit_scale, same,
                                  **terms)
         if self.token_max:
             value = value + self.token_max * contrastive_loss(
-                cfg.loss, img_max.float(), txt.float(), self.net.logit_scale, same, **terms)
+                cfg.loss, img_max.float(), txt, self.net.logit_scale, same, **terms)
+        if self.phrase_head is not None:
+            present, known = self._presence(rows, dev)
+            embeddings = {"pooled": img}
+            if {"token-max", "tokens"} & set(self.phrase_on):
+                embeddings.update({"token-max": img_max, "tokens": img_tokens})
+            for name in self.phrase_on:
+                value = value + cfg.phrase_weight * self.phrase_head(
+                    embeddings[name].float(), phrase_txt, present, known)
         return value
+
+    def _presence(self, rows: list[int], device):
+        """(B, F) present and (B,) known: the batch's findings, as the phrase loss reads them."""
+        import torch
+
+        names = self.table.names
+        present = torch.tensor([[n in (self.data[i].findings or ()) for n in names]
+                                for i in rows], dtype=torch.bool, device=device)
+        known = torch.tensor([self.data[i].findings is not None for i in rows],
+                             dtype=torch.bool, device=device)
+        return present, known
+
+    def _swap_negatives(self, rows: list[int], captions: list[str], generator
+                        ) -> tuple[list[str], list[int]]:
+        """One negative caption per pair whose image lacks some finding (and its row).
+
+        The finding swapped in is drawn among the image's absent findings. A finding
+        caption that contains its finding's phrase gets that phrase replaced (the same
+        sentence, another finding: the hardest negative); any other pair gets a training
+        caption of the drawn finding, or its phrase when there is none.
+        """
+        import torch
+
+        draws = torch.rand(len(rows), 2, generator=generator).tolist()
+        extra, owner = [], []
+        for row, (i, caption, (r1, r2)) in enumerate(zip(rows, captions, draws)):
+            pair = self.data[i]
+            if pair.findings is None:
+                continue
+            absent = [n for n in self.table.names if n not in pair.findings]
+            if not absent:
+                continue
+            swap_in = absent[min(int(r1 * len(absent)), len(absent) - 1)]
+            text = None
+            if pair.finding is not None:
+                text = swap_finding(caption, self.table.phrase(pair.finding),
+                                    self.table.phrase(swap_in))
+            if text is None:
+                options = self.pool.get(swap_in) or [self.table.phrase(swap_in)]
+                text = options[min(int(r2 * len(options)), len(options) - 1)]
+            if " ".join(text.lower().split()) != " ".join(caption.lower().split()):
+                extra.append(text)
+                owner.append(row)
+        return extra, owner
 
     def _summary(self, start_epoch: int, steps: int, seconds: float, rate: float,
                  stopped: bool) -> ClipTrainSummary:
@@ -356,6 +469,9 @@ class _ClipRun:
                  "settings_json": json.dumps(self.settings, sort_keys=True, default=str),
                  "log_json": json.dumps(self.log),
                  "model": {k: v.detach().cpu() for k, v in self.net.state_dict().items()}}
+        if self.phrase_head is not None:
+            state["phrase_head"] = {k: v.detach().cpu()
+                                    for k, v in self.phrase_head.state_dict().items()}
         with atomic_path(self.out / CHECKPOINT_NAME) as tmp:
             torch.save(state, tmp)
 
@@ -374,30 +490,25 @@ class _ClipRun:
                             "Use a new output folder, or pass --no-resume to start over in "
                             "this one.")
         self.net.load_state_dict(state["model"])
+        if self.phrase_head is not None:
+            self.phrase_head.load_state_dict(state["phrase_head"])
         self.engine.restore({"scaler": None, **state})
         self.log = json.loads(state["log_json"])
 
 
-def _same_group(data: list[CaptionPair], idx: list[int], negatives: str, device):
-    """``[i, j]`` = pairs ``i`` and ``j`` of the batch must not be each other's negatives.
-
-    ``"normal"``: both are lesion-free (a no-finding label such as ``none``), however
-    their captions are worded; ``"label"``: both carry the same label. Pairs without a
-    label are never grouped.
-    """
-    import torch
-
-    keys = []
-    for i in idx:
-        label = data[i].label
-        if label is None or (negatives == "normal" and is_finding(label)):
-            keys.append(None)
-        else:
-            keys.append("" if not is_finding(label) else label.strip().lower())
-    index: dict[str, int] = {}
-    ids = torch.tensor([-1 - n if k is None else index.setdefault(k, len(index))
-                        for n, k in enumerate(keys)], device=device)
-    return ids[:, None] == ids[None, :]
+def _finding_table(cfg: ClipTrainConfig) -> FindingTable | None:
+    """The folder's findings table; an error when an option needs one and there is none."""
+    folder = Path(cfg.pairs)
+    table = read_findings(folder) if folder.is_dir() else None
+    wants = [name for name, on in (("--swap-negatives", cfg.swap_negatives),
+                                   ("--phrase-weight", cfg.phrase_weight)) if on]
+    if wants and table is None:
+        where = folder / FINDINGS_NAME if folder.is_dir() else folder
+        raise DataError(f"{where}: {' and '.join(wants)} need the findings of every image "
+                        f"({FINDINGS_NAME} with image,finding,present columns in the pairs "
+                        "folder, as `mwm phantoms --findings multi` writes); train without "
+                        "them or use such a folder.")
+    return table
 
 
 def _count(net) -> int:
