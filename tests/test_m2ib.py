@@ -26,13 +26,7 @@ def adapter():
 
 @pytest.fixture(scope="module")
 def images():
-    rng = np.random.default_rng(0)
-    out = []
-    for h, w in [(50, 80), (72, 40), (64, 64)]:
-        img = rng.random((3, h, w)).astype(np.float32) * 0.3
-        img[:, h // 4: h // 2, w // 3: 2 * w // 3] += 0.6  # a bright "lesion"
-        out.append(np.clip(img, 0, 1))
-    return out
+    return vf.bright_square_images()
 
 
 def test_kl_formula_matches_torch_distributions():

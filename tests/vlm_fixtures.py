@@ -124,6 +124,20 @@ def build_tiny_open_clip_model(*, trunk: str = "timm", text: str = "builtin", im
     return model, tokenizer, preprocess
 
 
+def bright_square_images(seed: int = 0) -> list:
+    """Three (3, H, W) images of uneven sizes in [0, 1], each with a bright "lesion" on a
+    dim noisy background (the M2IB tests' inputs)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for h, w in [(50, 80), (72, 40), (64, 64)]:
+        img = rng.random((3, h, w)).astype(np.float32) * 0.3
+        img[:, h // 4: h // 2, w // 3: 2 * w // 3] += 0.6
+        out.append(np.clip(img, 0, 1))
+    return out
+
+
 def build_tiny_open_clip(**kwargs):
     """A ``VLMAdapter`` over :func:`build_tiny_open_clip_model` (same keyword arguments)."""
     from mwm.localize.vlm import wrap_open_clip
