@@ -45,13 +45,13 @@ import numpy as np
 
 from ..errors import DataError
 
+from ..data.findings import FINDING_CAPTIONS_FILE, FINDINGS_FILE
 from ..data.io import is_image_file, read_image, to_model_input
 
 NO_FINDING_LABELS = ("", "none", "normal", "healthy", "no finding", "no lesion")
 #: ``captions``: which captions of a folder to train on.
 CAPTION_SOURCES = ("general", "findings", "both")
-FINDINGS_NAME = "findings.csv"
-FINDING_CAPTIONS_NAME = "finding_captions.csv"
+FINDINGS_NAME, FINDING_CAPTIONS_NAME = FINDINGS_FILE, FINDING_CAPTIONS_FILE  # one spelling
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,8 @@ MAX_EXTRA = 2
 #: tries to place an extra finding before it is left out of the image
 PLACEMENT_TRIES = 3
 #: findings.csv: one row per (image, finding); finding_captions.csv: one per present finding
+#: The multi-finding tables of a phantom folder (their one spelling).
+FINDINGS_FILE, FINDING_CAPTIONS_FILE = "findings.csv", "finding_captions.csv"
 FINDINGS_COLUMNS = ("image", "finding", "kind", "present", "mask", "phrase")
 FINDING_CAPTION_COLUMNS = ("image", "finding", "caption")
 

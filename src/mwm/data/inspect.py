@@ -26,7 +26,7 @@ from ..files import write_csv, write_json
 from ..progress import progress as progress_bar
 from ..config import opt
 from ..errors import DataError
-from .findings import FINDINGS_COLUMNS
+from .findings import FINDINGS_COLUMNS, FINDINGS_FILE
 from .io import DEFAULT_AXIS, read_mask, read_slice, stem_of
 from .layouts import SPLITS, Sample, load_prompts, missing_mask, no_prompt, open_dataset, prompt_of
 
@@ -117,7 +117,7 @@ def inspect_dataset(source: str | Path, *, masks: str | Path | None = None,
     _add_problems(report.rows, dataset.problems)
     if dataset.layout == "manifest":
         source = Path(source)
-        table = (source if source.is_dir() else source.parent) / "findings.csv"
+        table = (source if source.is_dir() else source.parent) / FINDINGS_FILE
         if table.is_file():
             _add_findings(report, table)
     return report

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mwm.files import atomic_path, safe_child, write_bytes
 
-from .findings import FINDINGS, finding_names
+from .findings import FINDING_CAPTIONS_FILE, FINDINGS, FINDINGS_FILE, finding_names
 
 
 def clean_up(out: Path, records: list[dict], class_folders: bool, stem_re: re.Pattern,
@@ -31,7 +31,7 @@ def clean_up(out: Path, records: list[dict], class_folders: bool, stem_re: re.Pa
         if name not in current and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
     if not multi_modality:
-        for name in ("findings.csv", "finding_captions.csv"):
+        for name in (FINDINGS_FILE, FINDING_CAPTIONS_FILE):
             (out / name).unlink(missing_ok=True)
     if class_folders:
         wanted = {(r["split"], r["label"], r["stem"] + ".png") for r in records}

@@ -32,7 +32,8 @@ import cv2
 import numpy as np
 
 from ..config import opt
-from .findings import (FINDING_CAPTION_COLUMNS, FINDING_MODES, FINDINGS, FINDINGS_COLUMNS,
+from .findings import (FINDING_CAPTION_COLUMNS, FINDING_CAPTIONS_FILE, FINDING_MODES, FINDINGS,
+                       FINDINGS_COLUMNS, FINDINGS_FILE,
                        MAX_EXTRA, PRESENCE_PROBABILITY, Finding, FindingMaps, check_findings,
                        draw_findings, finding_names, presence_rates)
 from .phantom_captions import finding_caption, multi_caption, phantom_caption
@@ -441,7 +442,7 @@ def generate_phantoms(out_dir, modality: str = MODALITIES[0], n: int = DEFAULT_N
     if findings == "multi":
         meta["findings"] = _write_findings(out, modality, records)
         files.update(finding_masks="masks/<finding>/<stem>.png (uint8 0/255; all zeros when "
-                     "absent)", findings="findings.csv", finding_captions="finding_captions.csv")
+                     "absent)", findings=FINDINGS_FILE, finding_captions=FINDING_CAPTIONS_FILE)
     write_json(out / "dataset.json", meta)
 
     clean_up(out, records, class_folders, _STEM_RE, modality if findings == "multi" else None)
@@ -488,12 +489,12 @@ def _write_findings(out: Path, modality: str, records: list[dict]) -> dict:
     """findings.csv (one row per image and finding), finding_captions.csv (one per present
     finding); the findings section of dataset.json."""
     defs = FINDINGS[modality]
-    write_csv(out / "findings.csv", (
+    write_csv(out / FINDINGS_FILE, (
         {"image": f"images/{r['stem']}.png", "finding": f.name, "kind": f.kind,
          "present": int(r["findings"]["present"][f.name]),
          "mask": f"masks/{f.name}/{r['stem']}.png", "phrase": f.phrase}
         for r in records for f in defs), FINDINGS_COLUMNS)
-    write_csv(out / "finding_captions.csv", (
+    write_csv(out / FINDING_CAPTIONS_FILE, (
         {"image": f"images/{r['stem']}.png", "finding": f.name,
          "caption": r["findings"]["captions"][f.name]}
         for r in records for f in defs if f.name in r["findings"]["captions"]),

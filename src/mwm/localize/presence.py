@@ -26,6 +26,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..data.findings import FINDINGS_FILE as FINDINGS_CSV
 from ..data.io import read_mask, read_slice, stem_of, to_model_input
 from ..data.layouts import Sample, split_prompt
 from ..errors import DataError
@@ -40,7 +41,6 @@ PRESENCE_COLUMNS = ("image", "prompt", "score", "present")
 NORMAL_PROMPTS = {"brain-mri": "normal brain MRI", "chest-xray": "normal chest radiograph",
                   "chest-ct": "normal chest CT"}
 GENERIC_NORMAL = "a normal medical image"
-FINDINGS_CSV = "findings.csv"
 FINDINGS_COLUMNS = ("image", "finding", "kind", "present")
 READ_CHUNK = 256  # images read and scored together (bounds the memory of a big set)
 
