@@ -285,10 +285,7 @@ def run_pretrain(cfg, opts) -> int:
                   f"({empty['fraction']:.1%})" + (f", listed in {empty['file']}"
                                                    if empty["n_empty"] else ""))
         print(f"checkpoint: {cfg.out}/checkpoint.pt  encoder: {summary.encoder_path}")
-    if summary.ranks_agree is False:
-        print("error: distributed ranks ended with different weights", file=sys.stderr)
-        return EXIT_FAILURES
-    return EXIT_OK
+    return _ranks_exit(summary.ranks_agree, "weights")
 
 
 def run_finetune(cfg, opts) -> int:
@@ -305,12 +302,22 @@ def run_finetune(cfg, opts) -> int:
     if main_rank():
         result = summary.get("best") or summary.get("last") or summary.get("metrics") or {}
         metrics = result.get("metrics", result)
-        shown = {k: metrics[k] for k in REPORTED if isinstance(metrics.get(k), (int, float))}
         print(f"{cfg.mode} on {summary.get('eval_split', 'val')}: "
-              + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+              + _metrics_text(metrics, REPORTED))
         print(f"outputs: {cfg.out}")
-    if summary.get("ranks_agree") is False:
-        print("error: distributed ranks ended with different weights or metrics", file=sys.stderr)
+    return _ranks_exit(summary.get("ranks_agree"))
+
+
+def _metrics_text(metrics: dict, keys) -> str:
+    """``k v, ...`` of the numeric ``keys`` of ``metrics`` (missing or None left out)."""
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys
+                     if isinstance(metrics.get(k), (int, float)))
+
+
+def _ranks_exit(ranks_agree: bool | None, what: str = "weights or metrics") -> int:
+    """EXIT_FAILURES (with the message) when torchrun's ranks ended differently."""
+    if ranks_agree is False:
+        print(f"error: distributed ranks ended with different {what}", file=sys.stderr)
         return EXIT_FAILURES
     return EXIT_OK
 
@@ -331,14 +338,9 @@ def run_segment(cfg, opts) -> int:
     if main_rank():
         how = f"{summary['mode']}{', eval only' if cfg.eval_only else ''}"
         for split, metrics in summary["last"].items():
-            shown = {k: metrics[k] for k in REPORTED if isinstance(metrics.get(k), (int, float))}
-            print(f"segment ({how}) on {split}: "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+            print(f"segment ({how}) on {split}: " + _metrics_text(metrics, REPORTED))
         print(f"outputs: {cfg.out}")
-    if summary.get("ranks_agree") is False:
-        print("error: distributed ranks ended with different weights or metrics", file=sys.stderr)
-        return EXIT_FAILURES
-    return EXIT_OK
+    return _ranks_exit(summary.get("ranks_agree"))
 
 
 def run_detect(cfg, opts) -> int:
