@@ -125,6 +125,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--swap-negatives", action="store_true")
     p.add_argument("--phrase-weight", type=float, default=0.0)
     p.add_argument("--phrase-embedding", default="both", choices=("pooled", "token-max", "both", "tokens", "pooled+tokens"))
+    p.add_argument("--eval-split", default="test", choices=("test", "val"),
+                   help="--findings: the split scored; val chooses settings (beta, objective, "
+                        "temperature) without looking at test images")
     p.add_argument("--train-only", action="store_true",
                    help="--findings: train the CLIP seeds and stop (a later run with "
                         "--reuse-model scores them)")
@@ -706,7 +709,7 @@ def evaluate_findings(args, data: Path, model_dir: Path, figure_seed: bool) -> d
         return saliency_maps(adapter, [image(n) for n in names_], prompt, cfg,
                              keys=[Path(n).stem for n in names_], **extra)
 
-    test = sorted(n for n, s in split.items() if s == "test")
+    test = sorted(n for n, s in split.items() if s == args.eval_split)
     val = sorted(n for n, s in split.items() if s == "val")
     k = args.per_prompt
     out = {"findings": {}, "objectives": objectives, "threshold_source": None}
@@ -915,7 +918,7 @@ def findings_report(r: dict, argv) -> str:
     lines = [f"# Does the prompt choose where the saliency goes? (`--findings {s['findings']}`)",
              "", f"Command: `{cmd.strip()}`", "",
              f"CLIP seeds {', '.join(map(str, seeds))}; values are mean ± std over the seeds "
-             f"(each seed: up to {s['per_prompt']} held-out test images per prompt). Targets: "
+             f"(each seed: up to {s['per_prompt']} held-out {s.get('eval_split', 'test')} images per prompt). Targets: "
              "DSC ≥ 0.6, selectivity ≥ 0.4, presence AUROC ≥ 0.9, empty fraction ≥ 0.8.",
              "", "## Mean over the finding prompts", "",
              "| objective | DSC | DSC with abstention | selectivity | mass on own / other "
@@ -947,7 +950,7 @@ def findings_report(r: dict, argv) -> str:
               f"size {s['size']}, seed {s['seed']}; CLIP trained on the train split, the "
               "presence threshold calibrated (Youden's J) on up to "
               f"{s['per_prompt']} + {s['per_prompt']} validation images per prompt "
-              f"({first['threshold_source']}), everything else scored on test images.",
+              f"({first['threshold_source']}), everything else scored on {s.get('eval_split', 'test')} images.",
               f"* CLIP: `{s['model']}`, loss {s['loss']}, negatives {s['negatives']}, captions "
               f"{s['captions']}, swap negatives {s['swap_negatives']}, phrase weight "
               f"{s['phrase_weight']} ({s['phrase_embedding']}), token-max weight "
@@ -977,7 +980,7 @@ def findings_report(r: dict, argv) -> str:
     if first.get("figure"):
         lines += ["", "## Figure", "", f"![maps]({first['figure']})", "",
                   f"CLIP seed {seeds[0]}. Rows: the finding prompts; columns: the same four "
-                  "test images (those with the most findings); white contour: the prompt's "
+                  f"{s.get('eval_split', 'test')} images (those with the most findings); white contour: the prompt's "
                   "finding mask (none when absent). One block per M2IB objective."]
     return "\n".join(lines) + "\n"
 

@@ -113,15 +113,15 @@ def test_usable_leaves_out_what_a_problem_names(tmp_path):
 
 # --------------------------------------------------------------------------- C: prompts
 
-def test_prompt_file_overrides_manifest_and_default_fills(tmp_path):
+def test_prompt_file_overrides_the_flag_which_overrides_the_manifest(tmp_path):
     for name in ("a", "b", "c"):
         png(tmp_path / f"{name}.png")
     (tmp_path / "m.csv").write_text("image,prompt\na.png,manifest a\nb.png,\nc.png,manifest c\n")
     samples = read_manifest(tmp_path / "m.csv")
     got = attach_prompts(samples, {"a": "file a"}, "default")
-    assert [s.prompt for s in got] == ["file a", "default", "manifest c"]
-    assert [s.prompt for s in attach_prompts(samples, None, "default")] == \
-        ["manifest a", "default", "manifest c"]
+    assert [s.prompt for s in got] == ["file a", "default", "default"]  # --prompt beats the column
+    assert [s.prompt for s in attach_prompts(samples, None, "default")] == ["default"] * 3
+    assert [s.prompt for s in attach_prompts(samples[::2])] == ["manifest a", "manifest c"]
     with pytest.raises(DataError, match=r"b.png: no prompt for 'b' in p.json"):
         attach_prompts(samples, {"a": "file a"}, source="p.json")
 

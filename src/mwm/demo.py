@@ -4,11 +4,14 @@ The demo is a small experiment (:mod:`mwm.experiment`, the file ``mwm/configs/de
 with one seed and three strategies, so it leaves exactly the folder layout and report
 ``mwm experiment`` does:
 
-1. ``data/``          a phantom dataset (images, lesion masks, captions, prompts);
+1. ``data/``          a phantom dataset (images, lesion masks, captions, prompts); by
+   default multi-finding phantoms (``docs/phantoms.md``): beside the lesion, other
+   findings with their own masks;
 2. ``clip/``          a small CLIP trained from scratch on the train split's captions;
 3. ``saliency/``      M2IB saliency maps of each image's prompt;
 4. ``regions/``       region masks (k-means, the component with the most saliency);
-5. ``localization/``  DSC / NSD of the regions against the lesion masks (test split);
+5. ``localization/``  DSC / NSD of the regions against the lesion masks (test split), and
+   selectivity: DSC against the lesion minus DSC against the image's other findings;
 6. ``cells/``         resnet18 pretrained with random masking (60%) and with region-aware
    masking (80% in the region, 40% outside), then linear probes of the lesion class, and
    the same probe on a randomly initialized encoder (``scratch``);
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import load_yaml, opt
+from .data.findings import FINDING_MODES
 from .data.phantoms import MODALITIES
 from .experiment import parse_experiment, run_experiment
 
@@ -43,6 +47,10 @@ class DemoConfig:
     quick: bool = opt(False, "a smaller run: a smoke test of every stage (about a minute on 2 "
                       "CPU cores)")
     modality: str = opt(MODALITIES[0], "phantom anatomy", choices=MODALITIES)
+    findings: str = opt("single", "phantom findings: multi = other findings beside the lesion "
+                        "(each with its mask), so the table shows whether the region picks the "
+                        "prompt's finding (selectivity); single = the lesion alone",
+                        choices=FINDING_MODES)
     n: int | None = opt(None, "number of phantom images (default: 400; quick: 64)", low=8)
     size: int | None = opt(None, "image side in pixels (default: 128; quick: 96)", low=32)
     clip_seconds: float | None = opt(None, "time budget of the CLIP training (default: 180 s; "
@@ -72,7 +80,7 @@ def demo_experiment(cfg: DemoConfig) -> dict:
     s = cfg.sizes()
     raw["name"] = "demo-quick" if cfg.quick else raw["name"]
     raw["data"] = {"phantoms": {"modality": cfg.modality, "n": s["n"], "size": s["size"],
-                                "seed": cfg.seed}}
+                                "seed": cfg.seed, "findings": cfg.findings}}
     raw["localize"]["clip"] = {"seconds": s["clip_seconds"], "epochs": s["clip_epochs"]}
     pretrain = raw["pretrain"]
     pretrain.update(input_size=fit_input_size(s["size"], pretrain["model"]),

@@ -378,7 +378,8 @@ def run_demo(cfg, opts) -> int:
     experiment = demo_experiment(cfg)
     with RunManifest(cfg.out, "demo", {**settings(cfg), "experiment": experiment}, cfg.seed) as run:
         results, report = demo(cfg, experiment)
-        run.add(results=results["strategies"], localization_dice=results["localization_dice"])
+        run.add(results=results["strategies"], localization_dice=results["localization_dice"],
+                localization_selectivity=results["localization_selectivity"])
     print("\n" + results_markdown(results))
     print(f"report: {report}")
     return EXIT_FAILURES if results["failures"] else EXIT_OK

@@ -190,13 +190,13 @@ def _with_findings(source: Path, general: list[CaptionPair], captions: str,
                         f"{FINDING_CAPTIONS_NAME}.")
 
     def found(pair: CaptionPair) -> tuple[str, ...] | None:
-        have = table.present.get(_key(source, str(pair.image)))
+        have = table.present.get(_pair_key(pair))
         return None if have is None else tuple(n for n in table.names if n in have)
 
     general = [dataclasses.replace(p, findings=found(p)) for p in general]
     if captions == "general":
         return general
-    by_image = {_key(source, str(p.image)): p for p in general}   # the split's images only
+    by_image = {_pair_key(p): p for p in general}   # the split's images only
     extra = []
     for line, row in enumerate(_read_rows(per_finding, ("image", "finding", "caption")), start=2):
         base = by_image.get(_key(source, row["image"]))
@@ -240,6 +240,12 @@ def _read_csv(source: Path, split: str) -> list[CaptionPair]:
 def _key(base: Path, value: str) -> str:
     path = Path(value.strip())
     return os.path.normpath(str(path if path.is_absolute() else base / path))
+
+
+def _pair_key(pair: CaptionPair) -> str:
+    """The table key of a pair's image: its path already holds the folder (:func:`_pair`),
+    so joining the folder again would break relative folders (``ph/ph/images/...``)."""
+    return os.path.normpath(str(pair.image))
 
 
 def _pair(base: Path, row: dict, where: str, info: dict) -> CaptionPair:

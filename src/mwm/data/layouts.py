@@ -204,8 +204,8 @@ def no_prompt(ref: SliceRef, source: str | None = None, others: int = 0) -> str:
     more = f" (and {others} more image(s) without one)" if others else ""
     return (f"{ref.path}: no prompt for {ref.name!r}{where}{more}. Give one in any of three "
             "ways: a 'prompt' column in the CSV manifest; --prompt TEXT, used for every image "
-            f'without one; or --prompts FILE with an entry "{ref.name}": "<prompt>" (JSON) or '
-            f"a row {ref.name},<prompt> (CSV), which overrides the manifest's prompt.")
+            f'(over the manifest\'s column); or --prompts FILE with an entry "{ref.name}": '
+            f'"<prompt>" (JSON) or a row {ref.name},<prompt> (CSV), which overrides both.')
 
 
 def split_prompt(prompt: str | None) -> list[str]:
@@ -217,10 +217,12 @@ def split_prompt(prompt: str | None) -> list[str]:
 
 def prompt_of(sample: Sample, prompts: Mapping[str, str] | None = None,
               default: str | None = None) -> str | None:
-    """The one prompt rule: the prompt file's entry for the image (``--prompts``, by name)
-    overrides the manifest's ``prompt`` column, and ``default`` (``--prompt``) fills the
-    images that have neither. None when the image has no prompt at all."""
-    return (_lookup(sample.image, prompts) if prompts else None) or sample.prompt or default
+    """The one prompt rule: the prompt file's entry for the image (``--prompts``, by name),
+    else ``default`` (``--prompt``, given explicitly), else the manifest's ``prompt`` column.
+    An explicit ``--prompt`` beats the column: prompting a dataset for another finding (or a
+    control prompt) must not silently localize the manifest's prompt instead. None when the
+    image has no prompt at all."""
+    return (_lookup(sample.image, prompts) if prompts else None) or default or sample.prompt
 
 
 def attach_prompts(samples: list[Sample], prompts: Mapping[str, str] | None = None,

@@ -13,7 +13,9 @@ Layout::
     RUN/saliency/      one M2IB map per image (8-bit PNG); with localize.abstain also
                        presence.csv / presence.json (calibrated on the val split)
     RUN/regions/       binary region masks (postprocessed maps; empty where absent)
-    RUN/localization/  DSC / NSD of the regions against the masks on the test split
+    RUN/localization/  DSC / NSD of the regions against the masks on the test split, and
+                       selectivity.json (multi-finding data: DSC against the image's own
+                       mask minus DSC against its other findings; null otherwise)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from ..errors import DataError
 from ..files import read_json_or_none, write_json
 from ..localize.presence import PRESENCE_CSV
+from ..localize.selectivity import SELECTIVITY_JSON, finding_selectivity
 from .config import ExperimentConfig
 
 # The phantom localizer of the demo and the phantom experiment, chosen on validation
@@ -75,8 +78,11 @@ def prepare(config: ExperimentConfig, run: Path, *, workers: int | None = None,
     _postprocess(config, data, saliency, regions, n_new_maps, quiet)
     scores = _score(data, regions, run / "localization", quiet) if masks else None
     if scores:
+        sel = scores["selectivity"]
         log(f"regions: {regions} (mean DSC {scores['metrics']['dice']['mean']:.3f} on "
-            f"{scores['n_gt']} test images)")
+            f"{scores['n_gt']} test images"
+            + (f"; selectivity {sel['selectivity']['mean']:+.3f} on {sel['n']}" if sel else "")
+            + ")")
     return Prepared(data, masks, saliency, regions, scores)
 
 
@@ -238,5 +244,10 @@ def _score(data: Path, regions: Path, out: Path, quiet: bool) -> dict | None:
     for sample in test:
         shutil.copyfile(sample.mask.path, gt / sample.mask.path.name)
     presence = regions / PRESENCE_CSV  # copied there by postprocess_folder under abstain
-    return evaluate_folders(regions, gt, out, progress=not quiet,
-                            presence=presence if presence.is_file() else None)
+    scores = evaluate_folders(regions, gt, out, progress=not quiet,
+                              presence=presence if presence.is_file() else None)
+    # multi-finding data: does the region pick the prompt's finding over the image's others?
+    scores["selectivity"] = finding_selectivity(
+        regions, data, {s.mask.path.stem: s.mask.path for s in test})
+    write_json(out / SELECTIVITY_JSON, scores["selectivity"])
+    return scores

@@ -157,7 +157,8 @@ def write_results(config: ExperimentConfig, run: Path, cells: list, prepared=Non
                "strategies": per_strategy, "cells": per_cell, "missing": missing,
                "seeds": config.seeds,
                "plots": {e: f"{PLOTS}/{e}.png" for e in evals} if per_cell else {},
-               "localization_dice": (localization or {}).get("metrics", {}).get("dice", {}).get("mean")}
+               "localization_dice": (localization or {}).get("metrics", {}).get("dice", {}).get("mean"),
+               "localization_selectivity": (localization or {}).get("selectivity")}
     write_json(run / "results.json", results)
     write_text(run / "results.md", results_markdown(results))
     _write_plots(run / PLOTS, results)

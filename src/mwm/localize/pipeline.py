@@ -117,9 +117,11 @@ class LocalizeConfig:
 
     images: str = opt(help="image folder, phantom folder or CSV manifest", positional=True)
     out: str = opt(help="the saliency map folder")
-    prompt: str | None = opt(None, "one prompt for every image; 'a|b' averages an ensemble")
-    prompts: str | None = opt(None, "per-image prompts (JSON or CSV); --prompt then covers images "
-                              "the file lacks", metavar="FILE")
+    prompt: str | None = opt(None, "one prompt for every image, over a manifest's prompt column; "
+                             "'a|b' averages an ensemble")
+    prompts: str | None = opt(None, "per-image prompts (JSON or CSV), over --prompt and the "
+                              "manifest; --prompt then covers images the file lacks",
+                              metavar="FILE")
     model: str = opt(DEFAULT_VLM, "open_clip hf-hub:ORG/REPO, NAME:TAG, local-dir:PATH or a folder "
                      "(e.g. from `mwm clip train`), or a transformers CLIP id; the default is "
                      "BiomedCLIP")
@@ -190,8 +192,13 @@ class LocalizeConfig:
             return PresenceSpec(threshold=threshold, source=source,
                                 given_calibration=calibration)
         if tune is not None:
-            return PresenceSpec([s for s in tune.samples if s.split != "test"],
-                                source=f"--tune {self.tune[0]} {self.tune[1]}")
+            kept = [s for s in tune.samples if s.split != "test"]
+            if not kept:  # say why, rather than ask for the --tune the user already gave
+                raise DataError(f"--abstain: every one of the {len(tune.samples)} --tune image(s) "
+                                f"in {self.tune[0]} is in the test split, and the presence "
+                                "threshold is never calibrated on test images; give val-split "
+                                "images to --tune, or --presence-threshold VALUE|presence.json.")
+            return PresenceSpec(kept, source=f"--tune {self.tune[0]} {self.tune[1]}")
         return val_calibration(samples, rule.info.findings if rule else [], self.images)
 
     def outputs(self, samples: list[Sample]) -> list[str]:

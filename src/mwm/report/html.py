@@ -33,6 +33,7 @@ import numpy as np
 
 from ..config import opt
 from ..files import read_json_or_none, write_text
+from ..localize.selectivity import SELECTIVITY_JSON
 from .plots import training_curves_png
 
 MAX_LOCALIZATION_TILES = 12
@@ -248,6 +249,10 @@ def _localization_section(run_dir: Path) -> str:
     metrics = summary.get("metrics", {})
     line = ", ".join(f"{k} {v['mean']:.3f}" for k, v in metrics.items()
                      if isinstance(v, dict) and isinstance(v.get("mean"), float))
+    sel = read_json_or_none(run_dir / "localization" / SELECTIVITY_JSON)
+    if sel:
+        line += (f"; selectivity {sel['selectivity']['mean']:+.3f} on {sel['n']} images with "
+                 "another finding (DSC against the named finding minus DSC against the others)")
     lesion_rows = [r for r in rows if int(r.get("gt_pixels") or 0) > 0][:MAX_LOCALIZATION_TILES]
     figures = [_localization_figure(run_dir, r) for r in lesion_rows]
     return ("<h2>Localization</h2>"

@@ -112,10 +112,20 @@ def results_notes(results: dict) -> list[str]:
                      "better for distances such as HD95.")
     if results.get("localization_dice") is not None:
         notes.append(f"Localized regions: mean DSC {results['localization_dice']:.3f} against the "
-                     "masks on the test split.")
+                     "masks on the test split." + _selectivity_note(results))
     if results["missing"]:
         notes.append(f"Missing cells ({len(results['missing'])}): " + ", ".join(results["missing"]))
     return notes
+
+
+def _selectivity_note(results: dict) -> str:
+    sel = results.get("localization_selectivity")
+    if not sel:
+        return ""
+    return (f" Selectivity {sel['selectivity']['mean']:+.3f} ± {sel['selectivity']['std']:.3f} "
+            f"on the {sel['n']} test images with another finding: DSC {sel['dice_own']:.3f} "
+            f"against the prompt's finding minus {sel['dice_other']:.3f} against the image's "
+            "other findings (1 = only the named finding, 0 = no preference).")
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
