@@ -21,6 +21,8 @@ Samplers (all return a :class:`MaskBatch`):
 * :func:`budget_masks` — beyond the paper: an exact overall count per image, with salient
   cells ``emphasis`` times as likely to be masked as background cells, from a binary
   region or from a continuous saliency map.
+* :func:`loss_guided_masks` — the text-free baseline: an exact count, ``hard_fraction`` of
+  it the cells of highest loss at the image's last visit (:mod:`mwm.pretrain.hardness`).
 
 :func:`reference_random_masks` and :func:`reference_region_masks` state the same
 distributions in a few readable lines (noise, a group offset, argsort, as MAE's
@@ -195,6 +197,13 @@ def _kth_smallest(keys_bn: torch.Tensor, k: int) -> torch.Tensor:
     return keys_bn.kthvalue(k, dim=1, keepdim=True).values
 
 
+def _k_smallest(keys_bn: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, N) bool: the ``k`` cells of smallest key in each row (keys unique per row)."""
+    if 0 < k < keys_bn.shape[1]:  # exactly k keys are <= the k-th smallest
+        return keys_bn <= _kth_smallest(keys_bn, k)
+    return torch.full(keys_bn.shape, k > 0, dtype=torch.bool, device=keys_bn.device)
+
+
 @functools.lru_cache(maxsize=256)
 def _rank_patterns(n_cells: int, ratio_salient: float, ratio_background: float,
                    ratio_empty: float, device: torch.device) -> torch.Tensor:
@@ -223,15 +232,14 @@ def random_masks(batch: int, grid: tuple[int, int], ratio: float, *,
     _check_ratio("ratio", ratio)
     device = torch.device(device)
     n_cells = grid[0] * grid[1]
-    k = _count(n_cells, ratio)
-    keys_bn = _random_keys(batch, n_cells, generator, device)
-    if 0 < k < n_cells:  # keys are unique per row: exactly k are <= the k-th smallest
-        masked_bn = keys_bn <= _kth_smallest(keys_bn, k)
-    else:  # the draw still advances the generator, as for other ratios
-        masked_bn = torch.full((batch, n_cells), k > 0, dtype=torch.bool, device=device)
-    none = torch.zeros(batch, *grid, dtype=torch.bool, device=device)
-    return MaskBatch(masked_bn.view(batch, *grid), none, torch.zeros(batch, dtype=torch.bool,
-                                                                     device=device))
+    keys_bn = _random_keys(batch, n_cells, generator, device)  # drawn at every ratio alike
+    return _no_regions(_k_smallest(keys_bn, _count(n_cells, ratio)), grid)
+
+
+def _no_regions(masked_bn: torch.Tensor, grid: tuple[int, int]) -> MaskBatch:
+    """The :class:`MaskBatch` of a sampler without regions (nothing salient, no fallback)."""
+    none_bn, batch = torch.zeros_like(masked_bn), masked_bn.shape[0]
+    return MaskBatch(masked_bn.view(batch, *grid), none_bn.view(batch, *grid), none_bn[:, 0])
 
 
 # --------------------------------------------------------------------------- regions
@@ -352,6 +360,40 @@ def budget_masks(patch: int, ratio: float, emphasis: float, *,
     return MaskBatch(masked_bn.view(batch, gh, gw), salient_bhw, empty_b)
 
 
+# --------------------------------------------------------------------------- loss-guided
+
+def loss_guided_masks(batch: int, grid: tuple[int, int], ratio: float, hard_fraction: float, *,
+                      losses_bhw: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None,
+                      device: torch.device | str = "cpu") -> MaskBatch:
+    """Exactly ``k = round(N * ratio)`` masked cells per image: the ``round(k * hard_fraction)``
+    of highest loss in ``losses_bhw`` (float (B, gh, gw), NaN = not measured, ranked last;
+    None: nothing measured), the others uniformly from the rest. Ties break at random, so
+    an image with nothing measured is masked uniformly, as :func:`random_masks`."""
+    _check_ratio("ratio", ratio)
+    _check_ratio("hard_fraction", hard_fraction)
+    n_cells = grid[0] * grid[1]
+    k = _count(n_cells, ratio)
+    if losses_bhw is None:  # nothing measured
+        losses_bhw = torch.full((batch, n_cells), float("nan"), device=device)
+    hard_bn = _hardest(losses_bhw.flatten(1).float(), _count(k, hard_fraction), generator)
+    # The hard cells sort first (as salient cells do): the k smallest are they + a uniform draw.
+    keys_bn = torch.add(_random_keys(batch, n_cells, generator, losses_bhw.device), hard_bn,
+                        alpha=-_key_layout(n_cells).group)
+    return _no_regions(_k_smallest(keys_bn, k), grid)
+
+
+def _hardest(losses_bn: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, N) bool: each row's ``k`` highest losses (NaN lowest), ties in random order, from
+    unique int64 keys: the loss's float32 bits as order-preserving int32, then random bits."""
+    bits_bn = losses_bn.contiguous().view(torch.int32)
+    order_bn = torch.where(bits_bn >= 0, bits_bn, bits_bn ^ 0x7FFFFFFF).masked_fill_(
+        losses_bn.isnan(), torch.iinfo(torch.int32).min)  # negative floats: other bits flipped
+    # the low 31 bits of unique random keys (random bits above the cell index) stay unique
+    ties_bn = _random_keys(*losses_bn.shape, generator, losses_bn.device).long() & 0x7FFFFFFF
+    return _k_smallest(((order_bn.long() << 31) | ties_bn).neg_(), k)
+
+
 def upsample_cells(cells_bhw: torch.Tensor, patch: int) -> torch.Tensor:
     """Grid cells (B, gh, gw) → pixels (B, gh*p, gw*p), each cell repeated p x p."""
     return cells_bhw.repeat_interleave(patch, dim=1).repeat_interleave(patch, dim=2)
@@ -401,7 +443,8 @@ def reference_region_masks(salient_bhw: torch.Tensor, ratio_salient: float,
 class MaskingParams:
     """Every masking parameter with its default and range; each strategy reads some."""
 
-    ratio: float = opt(0.6, "overall mask ratio (random, budget, soft)", low=0.0, high=1.0)
+    ratio: float = opt(0.6, "overall mask ratio (random, budget, soft, loss-guided)", low=0.0,
+                       high=1.0)
     ratio_salient: float = opt(0.8, "mask ratio inside the region (region)", low=0.0, high=1.0)
     ratio_background: float = opt(0.4, "mask ratio outside the region (region)", low=0.0,
                                   high=1.0)
@@ -411,6 +454,8 @@ class MaskingParams:
                            "make it salient", low=0.0, high=1.0)
     empty_ratio: float | None = opt(None, "region: ratio for images with an empty region "
                                     "(default: --ratio-background)", low=0.0, high=1.0)
+    hard_fraction: float = opt(0.5, "loss-guided: share of the masked cells taken from those of "
+                               "highest loss at the image's last visit", low=0.0, high=1.0)
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -427,6 +472,8 @@ class MaskingStrategy:
     masks (bool, or float saliency in [0, 1] when ``continuous``) are ``regions_bhw`` at
     the input size; ``patch`` is the mask cell size in pixels. ``needs_regions``: the
     strategy reads region masks; ``params``: the :class:`MaskingParams` fields it uses.
+    ``reads_losses``: the trainer keeps each image's per-cell losses and passes those of
+    the batch as ``sample(..., losses_bhw=)`` (float (B, gh, gw), NaN = not measured).
     """
 
     name: str
@@ -435,13 +482,15 @@ class MaskingStrategy:
     needs_regions: bool
     continuous: bool
     help: str
+    reads_losses: bool = False
 
 
 MASKINGS: Registry[MaskingStrategy] = Registry("masking strategy")
 
 
 def register_masking(name: str, *, params: tuple[str, ...], needs_regions: bool,
-                     continuous: bool = False, help: str) -> Callable[[Sampler], Sampler]:
+                     continuous: bool = False, reads_losses: bool = False,
+                     help: str) -> Callable[[Sampler], Sampler]:
     """Register the decorated sampler as the masking strategy ``name``."""
     unknown = set(params) - {f for f in MaskingParams.__dataclass_fields__}
     if unknown:
@@ -449,7 +498,7 @@ def register_masking(name: str, *, params: tuple[str, ...], needs_regions: bool,
 
     def decorate(sample: Sampler) -> Sampler:
         MASKINGS.register(name, MaskingStrategy(name, sample, tuple(params), needs_regions,
-                                                continuous, help))
+                                                continuous, help, reads_losses))
         return sample
     return decorate
 
@@ -489,3 +538,12 @@ def _sample_budget(regions_bhw, patch, params, generator):
 def _sample_soft(regions_bhw, patch, params, generator):
     return budget_masks(patch, params.ratio, params.emphasis, saliency_bhw=regions_bhw.float(),
                         threshold=params.occupancy, generator=generator)
+
+
+@register_masking("loss-guided", params=("ratio", "hard_fraction"), needs_regions=False,
+                  reads_losses=True, help="exactly --ratio, --hard-fraction of it the cells "
+                  "with the highest loss at the image's last visit, the rest uniformly")
+def _sample_loss_guided(regions_bhw, patch, params, generator, losses_bhw=None):
+    grid = grid_shape(regions_bhw.shape[1], regions_bhw.shape[2], patch)
+    return loss_guided_masks(regions_bhw.shape[0], grid, params.ratio, params.hard_fraction,
+                             losses_bhw=losses_bhw, generator=generator, device=regions_bhw.device)

@@ -167,16 +167,21 @@ class RegionImageDataset(SeededImages):
     fallback); :meth:`empty_regions` lists them, with the samples whose mask is empty.
     With ``continuous=True`` the "mask" files are saliency maps read as float32 in [0, 1]
     (8-bit PNG / 255) instead of being binarized: ``--masking soft`` samples from them.
+    With ``views=True`` an item also says where its crop lies in the source image,
+    ``view_5`` = float64 ``(top, left, height, width, flip)`` as fractions of the source
+    height and width (flip 1.0 = mirrored after the crop): ``--masking loss-guided`` keeps
+    each cell's loss in the source image's frame (:mod:`mwm.pretrain.hardness`).
     """
 
     def __init__(self, samples: list[Sample], input_size: int, *, augment: Augment = Augment(),
                  mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.25, 0.25, 0.25),
-                 seed: int = 0, continuous: bool = False):
+                 seed: int = 0, continuous: bool = False, views: bool = False):
         if not samples:
             raise DataError("no images to pretrain on")
         super().__init__(samples, input_size, mean=mean, std=std, seed=seed)
         self.augment = augment
         self.continuous = continuous
+        self.views = views
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Image (H, W, 3) float in [0, 1] and region (H, W) bool (float if continuous)."""
@@ -211,17 +216,24 @@ class RegionImageDataset(SeededImages):
             return to_model_input(read_slice(sample.mask))[0]
         return read_mask(sample.mask)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         rng = self.rng(index)
         image_hwc, region_hw = self.load(index)
-        top, left, h, w = crop_box(*region_hw.shape, self.augment, rng)
+        height, width = region_hw.shape
+        top, left, h, w = crop_box(height, width, self.augment, rng)
         image_hwc = image_hwc[top:top + h, left:left + w]
         region_hw = region_hw[top:top + h, left:left + w]
-        if rng.random() < self.augment.flip:
+        flip = rng.random() < self.augment.flip
+        if flip:
             image_hwc, region_hw = image_hwc[:, ::-1], region_hw[:, ::-1]
         image_hwc, region_hw = square_resize(np.ascontiguousarray(image_hwc),
                                              np.ascontiguousarray(region_hw), self.input_size)
-        return self.standardized(image_hwc), torch.from_numpy(region_hw)
+        item = (self.standardized(image_hwc), torch.from_numpy(region_hw))
+        if not self.views:
+            return item
+        view_5 = torch.tensor([top / height, left / width, h / height, w / width, float(flip)],
+                              dtype=torch.float64)
+        return (*item, view_5)
 
 
 def dataset_stats(dataset: RegionImageDataset, max_images: int = 1000,

@@ -20,9 +20,10 @@ One forward pass of :class:`MAEModel`, in the order of this file:
    token at every masked position, fixed 2-D sin-cos position embeddings (0 for the
    prefix tokens), ``depth`` timm ``Block``s, LayerNorm, a linear map to ``3·p·p``
    pixels per patch.
-5. **Loss.** :func:`~mwm.pretrain.spark.masked_patch_loss`, SparK's and MAE's: per-patch
-   normalized pixel targets (``norm_pix_loss``), MSE averaged over the **masked patches
-   only**, in float32.
+5. **Loss.** SparK's and MAE's (:func:`~mwm.pretrain.spark.patch_losses`, then
+   :func:`~mwm.pretrain.spark.masked_mean`): per-patch normalized pixel targets
+   (``norm_pix_loss``), MSE averaged over the **masked patches only**, in float32; the
+   per-patch errors are returned too (``cell_loss_bn``).
 
 The output has :class:`~mwm.pretrain.spark.SparKOutput`'s fields, so the trainer and
 the figures treat both models alike.
@@ -38,7 +39,7 @@ from torch import nn
 
 from ..errors import DataError
 from ..masking import upsample_cells
-from .spark import checked_active, mask_grid, masked_patch_loss, patchify, unpatchify
+from .spark import checked_active, mask_grid, masked_mean, patch_losses, patchify, unpatchify
 
 __all__ = ["MAEModel", "MAEOutput", "MAEDecoder", "create_vit", "is_vit", "sincos_2d",
            "default_mae_decoder"]
@@ -53,11 +54,13 @@ UNUSED_MODULES = ("fc_norm", "attn_pool", "head", "head_dist")
 class MAEOutput:
     """The fields of :class:`~mwm.pretrain.spark.SparKOutput`: ``loss`` (float32 scalar,
     masked patches only), ``reconstruction_b3hw`` (detached, visible patches copied from
-    the input), ``masked_input_b3hw`` (detached, masked patches 0)."""
+    the input), ``masked_input_b3hw`` (detached, masked patches 0), ``cell_loss_bn``
+    (detached (B, N_patches), every patch's error)."""
 
     loss: torch.Tensor
     reconstruction_b3hw: torch.Tensor
     masked_input_b3hw: torch.Tensor
+    cell_loss_bn: torch.Tensor | None = None
 
 
 def default_mae_decoder(embed_dim: int) -> tuple[int, int]:
@@ -288,15 +291,16 @@ class MAEModel(nn.Module):
         pred_bnd = self.decoder(latent, order_bn, valid_bl, grid)
         p = self.patch_size
         reconstruction = unpatchify(pred_bnd, p, grid, images_b3hw.shape[1])
-        loss, mean, std = masked_patch_loss(reconstruction, images_b3hw, active, p,
-                                            norm_pix_loss=self.norm_pix_loss)
+        l2_bn, mean, std = patch_losses(reconstruction, images_b3hw, p,
+                                        norm_pix_loss=self.norm_pix_loss)
+        loss = masked_mean(l2_bn, active)
         with torch.no_grad():
             active_px = upsample_cells(active[:, 0], p).unsqueeze(1)
             rec = patchify(reconstruction.detach().float(), p) * std + mean
             rec = unpatchify(rec, p, grid, images_b3hw.shape[1]).to(images_b3hw.dtype)
             figure = torch.where(active_px, images_b3hw.detach(), rec)
             masked_input = images_b3hw.detach() * active_px.to(images_b3hw.dtype)
-        return MAEOutput(loss, figure, masked_input)
+        return MAEOutput(loss, figure, masked_input, l2_bn.detach())
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The ViT's weights with the keys of ``timm.create_model(arch, num_classes=0,

@@ -23,7 +23,8 @@ One forward pass of :class:`SparKModel`, in the order of this file:
 5. **Loss.** Input and reconstruction patchified into mask cells (B, N_cells, 3·m·m); with
    ``norm_pix_loss`` the target is each patch normalized by its own mean and (unbiased)
    variance, eps 1e-6; the per-cell MSE is averaged over the **masked cells only**.
-   The loss is computed in float32 (also under autocast).
+   The loss is computed in float32 (also under autocast). The per-cell errors are also
+   returned (``cell_loss_bn``, detached) for ``--masking loss-guided``.
 
 The output also carries a reconstruction for figures (per-patch normalization undone
 with the input patch statistics, visible cells pasted from the input) and the masked
@@ -43,7 +44,7 @@ from .encoders import Encoder, create_encoder
 from .sparse import SparseContext, sparse_batchnorm, sparse_layernorm2d, sparsify
 
 __all__ = ["SparKModel", "SparKOutput", "patchify", "unpatchify", "masked_patch_loss",
-           "default_decoder_width", "DENSIFY_NORMS"]
+           "patch_losses", "masked_mean", "default_decoder_width", "DENSIFY_NORMS"]
 
 DENSIFY_NORMS = ("auto", "bn", "ln", "identity")
 NORM_PIX_EPS = 1e-6
@@ -54,11 +55,14 @@ SPARK_DECODER_WIDTH = 768
 class SparKOutput:
     """``loss``: scalar (float32), mean reconstruction error over the masked cells.
     ``reconstruction_b3hw``: detached, in the input's (normalized) image space, visible
-    cells copied from the input. ``masked_input_b3hw``: detached input, masked cells 0."""
+    cells copied from the input. ``masked_input_b3hw``: detached input, masked cells 0.
+    ``cell_loss_bn``: detached float32 (B, N_cells), every cell's error (the loss averages
+    the masked ones; ``--masking loss-guided`` keeps them)."""
 
     loss: torch.Tensor
     reconstruction_b3hw: torch.Tensor
     masked_input_b3hw: torch.Tensor
+    cell_loss_bn: torch.Tensor | None = None
 
 
 def default_decoder_width(last_channels: int) -> int:
@@ -95,6 +99,15 @@ def masked_patch_loss(reconstruction_b3hw: torch.Tensor, images_b3hw: torch.Tens
     Returns ``(loss, mean_bn1, std_bn1)``, the patch statistics used for the target
     (zeros/ones without ``norm_pix_loss``).
     """
+    l2_bn, mean, std = patch_losses(reconstruction_b3hw, images_b3hw, patch,
+                                    norm_pix_loss=norm_pix_loss)
+    return masked_mean(l2_bn, active_b1hw), mean, std
+
+
+def patch_losses(reconstruction_b3hw: torch.Tensor, images_b3hw: torch.Tensor, patch: int, *,
+                 norm_pix_loss: bool = True):
+    """``(l2_bn, mean_bn1, std_bn1)``: every cell's MSE (float32 (B, N_cells), row-major
+    cells) against its (per-patch normalized) target, and the target's patch statistics."""
     target = patchify(images_b3hw.float(), patch)
     pred = patchify(reconstruction_b3hw.float(), patch)
     if norm_pix_loss:
@@ -104,10 +117,13 @@ def masked_patch_loss(reconstruction_b3hw: torch.Tensor, images_b3hw: torch.Tens
     else:
         mean = torch.zeros_like(target[..., :1])
         std = torch.ones_like(target[..., :1])
-    l2_bn = (pred - target).pow(2).mean(dim=-1)
+    return (pred - target).pow(2).mean(dim=-1), mean, std
+
+
+def masked_mean(l2_bn: torch.Tensor, active_b1hw: torch.Tensor) -> torch.Tensor:
+    """The mean of the per-cell errors over the masked (not active) cells."""
     masked_bn = (~active_b1hw).flatten(1).to(l2_bn.dtype)
-    loss = (l2_bn * masked_bn).sum() / (masked_bn.sum() + 1e-8)
-    return loss, mean, std
+    return (l2_bn * masked_bn).sum() / (masked_bn.sum() + 1e-8)
 
 
 # --------------------------------------------------------------------------- shared checks
@@ -262,11 +278,12 @@ class SparKModel(nn.Module):
         # decode
         reconstruction = self.decoder(densified)
         # loss
-        loss, mean, std = masked_patch_loss(reconstruction, images_b3hw, active, p,
-                                            norm_pix_loss=self.norm_pix_loss)
+        l2_bn, mean, std = patch_losses(reconstruction, images_b3hw, p,
+                                        norm_pix_loss=self.norm_pix_loss)
+        loss = masked_mean(l2_bn, active)
         with torch.no_grad():
             figure = self._figure(reconstruction, images_b3hw, active_px, mean, std)
-        return SparKOutput(loss, figure, masked_input.detach())
+        return SparKOutput(loss, figure, masked_input.detach(), l2_bn.detach())
 
     def _figure(self, reconstruction, images, active_px, mean, std) -> torch.Tensor:
         p = self.mask_patch

@@ -18,10 +18,17 @@ normalization statistics, RNG states) are written atomically every
 
 Under ``torchrun`` each process takes its share of every batch
 (DistributedDataParallel; gloo on CPU, NCCL on GPU; optional SyncBatchNorm).
+
+A strategy that ``reads_losses`` (``--masking loss-guided``) also gets each image's
+per-cell losses from its last visit (:class:`~mwm.pretrain.hardness.LossTable`, read
+before the masks are drawn, updated after the forward pass from the model's
+``cell_loss_bn``, gathered from every rank, saved in the checkpoint); the other
+strategies' step is unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -73,15 +80,32 @@ def decays(name: str, param: torch.nn.Parameter) -> bool:
                 or any(k in name for k in NO_DECAY_KEYWORDS))
 
 
-def sample_masks(cfg: PretrainConfig, regions_bhw: torch.Tensor, patch: int, step: int, rank: int):
-    """Masks for one micro-batch, seeded by (seed, step, rank): resumable and per-rank distinct."""
+def sample_masks(cfg: PretrainConfig, regions_bhw: torch.Tensor, patch: int, step: int, rank: int,
+                 losses_bhw: torch.Tensor | None = None):
+    """Masks for one micro-batch, seeded by (seed, step, rank): resumable and per-rank distinct.
+    ``losses_bhw``: the batch's per-cell losses, for a strategy that ``reads_losses``."""
     generator = torch.Generator(device=regions_bhw.device)
     generator.manual_seed(step_seed(cfg.seed, step, rank))
+    if cfg.strategy.reads_losses:
+        return cfg.strategy.sample(regions_bhw, patch, cfg, generator, losses_bhw=losses_bhw)
     return cfg.strategy.sample(regions_bhw, patch, cfg, generator)
 
 
 def load_checkpoint(path: str | Path) -> dict:
     return checkpoint.load(path, CHECKPOINT_NAME, kind="pretrain")
+
+
+def saved_settings(saved: dict) -> dict:
+    """A checkpoint's settings, with those added since it was written at their defaults
+    (which is what such a run used: e.g. ``hard_fraction``, read by a strategy that did
+    not exist then)."""
+    from ..config import default_of
+
+    added = {f.name: default_of(PretrainConfig, f.name)
+             for f in dataclasses.fields(PretrainConfig) if f.name not in saved
+             and (f.default is not dataclasses.MISSING
+                  or f.default_factory is not dataclasses.MISSING)}
+    return {**added, **saved}
 
 
 def is_mae(model) -> bool:
@@ -148,9 +172,11 @@ class Trainer(EngineCounters):
         self.checkpoint = None
         if (path := checkpoint.resume_path(cfg.resume, cfg.out, CHECKPOINT_NAME)) is not None:
             self.checkpoint = load_checkpoint(path)
-            check_settings(self.checkpoint["config"], cfg.to_dict(), ignore=RESUME_FREE)
+            check_settings(saved_settings(self.checkpoint["config"]), cfg.to_dict(),
+                           ignore=RESUME_FREE)
         self.dataset = self._dataset()
         self.model = self._model()
+        self.losses = self._loss_table()
         global_batch = cfg.batch_size * cfg.accumulate * self.dist.world
         self.steps_per_epoch = len(self.dataset) // global_batch
         if self.steps_per_epoch == 0:
@@ -179,7 +205,8 @@ class Trainer(EngineCounters):
         data = open_dataset(cfg.images, cfg.regions, require_masks=cfg.regions is not None)
         samples = [s for s in data.samples if s.split in (None, "train")]
         dataset = RegionImageDataset(samples, cfg.input_size, augment=Augment(), seed=cfg.seed,
-                                     continuous=cfg.strategy.continuous)
+                                     continuous=cfg.strategy.continuous,
+                                     views=cfg.strategy.reads_losses)
         if self.checkpoint is not None:
             mean, std = self.checkpoint["mean"], self.checkpoint["std"]
         else:
@@ -212,6 +239,19 @@ class Trainer(EngineCounters):
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         return model
+
+    def _loss_table(self):
+        """Each image's per-cell losses, for a strategy that reads them (restored on resume)."""
+        if not self.cfg.strategy.reads_losses:
+            return None
+        from .hardness import LossTable
+
+        side = self.cfg.input_size // self.mask_patch
+        table = LossTable(len(self.dataset), (side, side), self.device)
+        saved = (self.checkpoint or {}).get("loss_table")
+        if saved is not None:
+            table.restore(saved)
+        return table
 
     # ---- the loop
 
@@ -247,8 +287,9 @@ class Trainer(EngineCounters):
                            desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                            enabled=not cfg.quiet and self.dist.main)
         figure_batch, micro, step_t0 = None, 0, time.perf_counter()
-        for images, regions in bar:
-            images, regions, masks, output = self._forward_backward(images, regions, micro)
+        for indices, (images, regions, *view) in zip(batches[skip:], bar):
+            images, regions, masks, output = self._forward_backward(images, regions, micro,
+                                                                    indices, view)
             micro += 1
             if figure_batch is None:
                 figure_batch = (images.detach(), regions, masks, output)
@@ -272,19 +313,29 @@ class Trainer(EngineCounters):
                 write_epoch_figure(self.out / "figures" / f"epoch_{self.epoch:04d}.png",
                                    figure_batch, self.mean, self.std, self.mask_patch)
 
-    def _forward_backward(self, images, regions, micro: int):
+    def _forward_backward(self, images, regions, micro: int, indices, view):
+        """One micro-batch; ``indices``: its dataset indices, ``view``: ``[view_b5]`` when
+        the loss table is kept (the items' crops), else empty."""
         cfg, engine = self.cfg, self.engine
         images = images.to(self.device, non_blocking=True)
         regions = regions.to(self.device, non_blocking=True)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        losses_bhw = None
+        if self.losses is not None:
+            index_b = torch.as_tensor(indices, dtype=torch.long, device=self.device)
+            view_b5 = view[0].to(self.device)
+            losses_bhw = self.losses.read(index_b, view_b5)
         masks = sample_masks(cfg, regions, self.mask_patch,
-                             self.step * cfg.accumulate + micro, self.dist.rank)
+                             self.step * cfg.accumulate + micro, self.dist.rank, losses_bhw)
         self._add_ratios(masks)
         with engine.accumulating(micro):
             with engine.autocast():
                 output = engine.module(images, masks.active_b1hw)
             engine.backward(output.loss.float())
+        if self.losses is not None:
+            self.losses.update(index_b, view_b5, output.cell_loss_bn, masks.masked_bhw,
+                               self.dist.world)
         return images, regions, masks, output
 
     def _loader(self, batches):
@@ -330,7 +381,8 @@ class Trainer(EngineCounters):
                 "input_size": self.cfg.input_size,
                 "ratio_totals": {"batches": self.ratio_batches,
                                  **{key: float(total) for key, total
-                                    in (self.ratio_totals or {}).items()}}})
+                                    in (self.ratio_totals or {}).items()}},
+                **({"loss_table": self.losses.state()} if self.losses is not None else {})})
 
     def _export(self) -> str | None:
         from .export import export_encoder
