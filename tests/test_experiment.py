@@ -120,21 +120,28 @@ def test_config_error_exits_2(tmp_path, capsys):
 
 
 def test_shipped_configs_parse(tmp_path):
-    """The paper-scale config refuses to run until its placeholder path is edited."""
+    """The paper-scale configs refuse to run until their placeholder path is edited."""
     from mwm.experiment import load_experiment
+    from mwm.experiment.config import PLACEHOLDER
 
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
     names = sorted(os.listdir(root))
-    assert "phantom-brain-mri.yaml" in names and "paper-resnet50.yaml" in names
-    with pytest.raises(DataError, match="placeholder .*edit the file"):
-        load_experiment(os.path.join(root, "paper-resnet50.yaml"))
-    edited = tmp_path / "paper-resnet50.yaml"
-    with open(os.path.join(root, "paper-resnet50.yaml")) as handle:
-        edited.write_text(handle.read().replace("/path/to/your/dataset/", str(tmp_path) + "/"))
-    for path in [os.path.join(root, n) for n in names if n != "paper-resnet50.yaml"] + [edited]:
+    assert {"phantom-brain-mri.yaml", "paper-resnet50.yaml", "paper-vitb16.yaml"} <= set(names)
+    paths = []
+    for name in names:
+        path = os.path.join(root, name)
+        with open(path) as handle:
+            text = handle.read()
+        if PLACEHOLDER in text:
+            with pytest.raises(DataError, match="placeholder .*edit the file"):
+                load_experiment(path)
+            path = tmp_path / name
+            path.write_text(text.replace("/path/to/your/dataset/", str(tmp_path) + "/"))
+        paths.append(path)
+    for path in paths:
         config = load_experiment(path)
         assert len(cells_of(config)) == len(config.strategies) * len(config.seeds)
-    paper = load_experiment(edited)
+    paper = load_experiment(tmp_path / "paper-resnet50.yaml")
     assert paper.pretrain["model"] == "resnet50" and paper.pretrain["batch_size"] == 128
     assert paper.pretrain["epochs"] == 500 and paper.pretrain["input_size"] == 224
 

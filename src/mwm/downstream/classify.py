@@ -51,8 +51,11 @@ balanced accuracy (robust to class imbalance; ties keep the earlier epoch) and s
 (model, optimizer, EMA, step, epoch, config, classes, mean/std, best so far) and is
 written atomically at every epoch end and when ``max_steps`` stops a run.
 ``summary.json`` holds the configuration, data counts, weights report, and best/last
-metrics. ``eval_only`` loads ``weights`` (an MWM fine-tune checkpoint) or else
-``out/best.pt``, evaluates, and writes ``eval_metrics.json`` and ``confusion_eval.*``.
+metrics; with ``linear``, ``predictions.csv`` the last evaluation's prediction for every
+evaluation image (split, image, label, predicted, correct: the per-image outcome a paired
+comparison of two encoders needs). ``eval_only`` loads ``weights`` (an MWM fine-tune
+checkpoint) or else ``out/best.pt``, evaluates, and writes ``eval_metrics.json`` and
+``confusion_eval.*``.
 
 **Resume**: ``resume="auto"`` continues from ``out/last.pt`` if present (else starts
 fresh); a path (file or run folder) must exist, or :class:`DataError`. Data order is a

@@ -13,6 +13,10 @@ labels ``labels_n`` in ``[0, K)``; the prediction is the arg-max (first class on
   listed in ``auroc_skipped``; ``auroc`` is the unweighted mean of the rest (``None``
   if none can be scored);
 * **confusion matrix** — rows = true class, columns = predicted class.
+
+:func:`write_predictions` keeps the per-image outcome (``predictions.csv``: split, image,
+label, predicted, correct), from which a paired comparison of two encoders on the same
+images gets its sampling error over images (``benchmarks/power.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ import numpy as np
 from ..metrics import binary_auroc  # one home: mwm.metrics
 
 __all__ = ["binary_auroc", "confusion_matrix", "classification_metrics",
-           "write_confusion_csv", "write_confusion_png"]
+           "write_confusion_csv", "write_confusion_png", "write_predictions"]
+
+PREDICTIONS_FILE = "predictions.csv"
+PREDICTION_FIELDS = ("split", "image", "label", "predicted", "correct")
 
 
 def confusion_matrix(labels_n, preds_n, k: int) -> np.ndarray:
@@ -84,6 +91,23 @@ def classification_metrics(probs_nk, labels_n, class_names: Sequence[str]) -> di
         "classes": [str(c) for c in class_names],
         "confusion_matrix": cm.tolist(),
     }
+
+
+def write_predictions(path: str | os.PathLike, names: Sequence[str], probs_nk, labels_n,
+                      class_names: Sequence[str], split: str) -> None:
+    """One row per image (atomic write): its name, true and predicted class (the arg-max,
+    as :func:`classification_metrics` decides it) and ``correct`` (1 or 0)."""
+    from ..files import write_csv
+
+    preds = np.asarray(probs_nk, dtype=np.float64).argmax(axis=1)
+    labels = np.asarray(labels_n, dtype=np.int64).ravel()
+    if not len(names) == preds.size == labels.size:
+        raise ValueError(f"{len(names)} names for {preds.size} predictions and "
+                         f"{labels.size} labels")
+    rows = [{"split": split, "image": name, "label": str(class_names[y]),
+             "predicted": str(class_names[p]), "correct": int(p == y)}
+            for name, y, p in zip(names, labels.tolist(), preds.tolist())]
+    write_csv(path, rows, PREDICTION_FIELDS)
 
 
 def write_confusion_csv(path: str | os.PathLike, cm, class_names: Sequence[str]) -> None:

@@ -7,7 +7,8 @@ the train features' mean/std. The probe (``nn.Linear``, cross-entropy + ``wd/2 *
 no label smoothing) is fitted full-batch with L-BFGS (strong-Wolfe line search),
 :data:`LBFGS_ITERS_PER_EPOCH` iterations per "epoch", one engine step each. The
 standardization is folded into the timm classifier, so the saved model is a plain timm
-classifier.
+classifier. At the end the final probe's prediction for every evaluation image is written
+to ``predictions.csv`` (:func:`~mwm.downstream.classify_metrics.write_predictions`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ from ..engine import Dist, Engine
 from ..errors import DataError
 from ..progress import progress as progress_bar
 from .classifier import LAST, Finetuner, _cpu_state
-from .classify_metrics import classification_metrics
+from .classify_metrics import (
+    PREDICTIONS_FILE,
+    classification_metrics,
+    write_predictions,
+)
 
 LBFGS_ITERS_PER_EPOCH = 20
 
@@ -103,8 +108,12 @@ def run_linear(runner: Finetuner) -> dict:
                                     "rng": checkpoint.rng_state()}))
     with torch.no_grad():
         fold()
+        probs = torch.softmax(probe((x_eval - mu) / sd), dim=1).numpy()
     if runner.last_metrics is None:
         runner.last_metrics = runner.evaluate(model)
+    if runner.dist.main:  # the per-image outcome of the last evaluation
+        write_predictions(runner.out / PREDICTIONS_FILE, [s.name for s in runner.eval_set.samples],
+                          probs, y_eval.numpy(), runner.classes, runner.eval_split)
     return runner._summary({"feature_dim": int(x_train.shape[1]),
                             "feature_seconds": feature_seconds,
                             "final_train_loss": loss_value, "solver": "lbfgs",

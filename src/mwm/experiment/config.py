@@ -11,11 +11,12 @@ A YAML file with these sections (``configs/phantom-brain-mri.yaml`` is a complet
     pretrain: {model: resnet18, input_size: 128, epochs: 6, batch_size: 32}
     evaluate: [{name: linear, mode: linear, epochs: 30}]
     seeds: [0, 1, 2]
-    reference: random-60
+    reference: random-60          # or a list: [random-60, random-70, random-matched]
     strategies:
       - {name: scratch, masking: none}
       - {name: random-60, masking: random, ratio: 0.6}
       - {name: region-80-40, masking: region, ratio_salient: 0.8, ratio_background: 0.4}
+      - {name: random-matched, masking: random, ratio: {match: region-80-40}}
       - {name: region-80-40-gt, masking: region, ratio_salient: 0.8, ratio_background: 0.4,
          regions: ground_truth}
 
@@ -55,6 +56,16 @@ class Strategy:
     masking: str
     regions: str = "localized"
     params: dict = field(default_factory=dict)  # ratio, ratio_salient, ... as PretrainConfig takes
+    # ``ratio: {match: NAME}``: the ratio is the mean overall mask ratio strategy NAME gives
+    # the train images, filled into ``params`` once the regions exist
+    # (:func:`mwm.experiment.matched.resolve_matched`), with what it was computed from.
+    match: str | None = None
+    match_views: int = 0  # augmented views per image to average over (0: the images as they are)
+    matched: dict | None = None
+
+    @property
+    def resolved(self) -> bool:
+        return self.match is None or "ratio" in self.params
 
     @property
     def pretrains(self) -> bool:
@@ -74,8 +85,14 @@ class ExperimentConfig:
     evaluate: list[dict]
     seeds: list[int]
     strategies: list[Strategy]
-    reference: str | None = None
+    reference: str | None = None          # the first of ``references`` (the Δ of old files)
     source: str = "<code>"
+    references: list[str] = field(default_factory=list)  # every strategy others are compared to
+
+    def __post_init__(self) -> None:
+        if not self.references and self.reference is not None:
+            self.references = [self.reference]
+        self.reference = self.references[0] if self.references else None
 
     def needs_localization(self) -> bool:
         return any(s.reads_regions and s.regions != "ground_truth" for s in self.strategies)
@@ -111,9 +128,23 @@ def parse_experiment(raw: dict, source: str = "<code>") -> ExperimentConfig:
         localize=dict(raw.get("localize") or {}), pretrain=_owned_free(raw["pretrain"], source, "pretrain"),
         evaluate=[_evaluation(item, source) for item in evaluate],
         seeds=[int(s) for s in raw.get("seeds", [0])], strategies=strategies,
-        reference=raw.get("reference"), source=source)
+        references=_references(raw.get("reference"), source), source=source)
     _check_sections(config)
+    _check_matches(config)
     return config
+
+
+def _references(value: Any, source: str) -> list[str]:
+    """``reference``: one strategy name, or a list of them (each gets its own Δ)."""
+    if value is None:
+        return []
+    names = value if isinstance(value, list) else [value]
+    if not all(isinstance(n, str) for n in names):
+        raise DataError(f"{source}: reference must be a strategy name or a list of names, "
+                        f"got {value!r}.")
+    if len(set(names)) != len(names):
+        raise DataError(f"{source}: reference lists a strategy twice: {names}.")
+    return list(names)
 
 
 def _require_mapping(section: Any, source: str, where: str) -> None:
@@ -154,7 +185,51 @@ def _strategy(item: dict, source: str) -> Strategy:
         raise DataError(f"{source}: strategy name {name!r}: use letters, digits, '-', '_' or '.' "
                         "(it names a folder).")
     params = {k: v for k, v in item.items() if k not in ("name", "masking", "regions")}
-    return Strategy(name, item["masking"], regions, params)
+    match, views = _match_of(params, item["masking"], name, source)
+    return Strategy(name, item["masking"], regions, params, match, views)
+
+
+#: The keys of ``ratio: {match: NAME, views: N}``.
+MATCH, VIEWS = "match", "views"
+
+
+def _match_of(params: dict, masking: str, name: str, source: str) -> tuple[str | None, int]:
+    """The strategy named by ``ratio: {match: NAME[, views: N]}`` and N (the ratio is
+    removed from ``params`` until it is resolved), or (None, 0) for a plain ratio."""
+    ratio = params.get("ratio")
+    if not isinstance(ratio, dict):
+        return None, 0
+    views = ratio.get(VIEWS, 0)
+    if (MATCH not in ratio or not set(ratio) <= {MATCH, VIEWS} or not isinstance(ratio[MATCH], str)
+            or not isinstance(views, int) or isinstance(views, bool) or views < 0):
+        raise DataError(f"{source}: strategy {name}: ratio must be a number or "
+                        f"{{{MATCH}: STRATEGY}} (optionally with {VIEWS}: N, N >= 0 augmented "
+                        f"views per image), got {ratio!r}.")
+    if masking == NO_PRETRAINING or "ratio" not in MASKINGS.get(masking).params:
+        takes = [m for m in MASKINGS.names() if "ratio" in MASKINGS.get(m).params]
+        raise DataError(f"{source}: strategy {name}: ratio.{MATCH} sets the ratio of a masking "
+                        f"that takes one ({', '.join(takes)}); masking {masking} has none.")
+    del params["ratio"]
+    return ratio[MATCH], views
+
+
+def _check_matches(config: ExperimentConfig) -> None:
+    """``ratio.match`` names another strategy that reads regions and has a ratio of its own."""
+    by_name = {s.name: s for s in config.strategies}
+    for strategy in config.strategies:
+        if strategy.match is None:
+            continue
+        where = f"{config.source}: strategy {strategy.name}: ratio.{MATCH} {strategy.match!r}"
+        target = by_name.get(strategy.match)
+        if target is None:
+            raise DataError(f"{where} is not a strategy ({sorted(by_name)}).")
+        if not target.reads_regions:
+            readers = [m for m in MASKINGS.names() if MASKINGS.get(m).needs_regions]
+            raise DataError(f"{where} masks without regions (masking {target.masking}); name a "
+                            f"strategy whose masking reads them ({', '.join(readers)}).")
+        if target.match is not None:
+            raise DataError(f"{where} has a matched ratio itself; match the strategy it "
+                            f"matches ({target.match!r}).")
 
 
 def _evaluation(item: dict, source: str) -> dict:
@@ -215,8 +290,9 @@ def _check_sections(config: ExperimentConfig) -> None:
                             "model) or 'clip' (train a small CLIP on the data's captions).")
     _check_fields(config, source)
     names = {s.name for s in config.strategies}
-    if config.reference is not None and config.reference not in names:
-        raise DataError(f"{source}: reference {config.reference!r} is not a strategy ({sorted(names)}).")
+    for reference in config.references:
+        if reference not in names:
+            raise DataError(f"{source}: reference {reference!r} is not a strategy ({sorted(names)}).")
     if not config.seeds:
         raise DataError(f"{source}: seeds must list at least one seed.")
 

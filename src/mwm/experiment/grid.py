@@ -5,6 +5,8 @@ A cell's work has two levels, each fingerprinted on its own so that a rerun redo
 what changed: the pretraining (strategy, seed, data, regions, ``pretrain`` settings; not
 the evaluations) and each evaluation (its resolved settings + the pretraining's
 fingerprint). The cell's fingerprint combines them and marks a complete ``cell.json``.
+A matched ratio (``ratio: {match: NAME}``) enters the pretraining's fingerprint as the
+number it resolved to, so other regions that give another ratio rerun the cell.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ def pretrain_fingerprint(config: ExperimentConfig, cell: Cell) -> str:
     strategy = cell.strategy
     if not strategy.pretrains:
         return config.fingerprint(NO_PRETRAINING, cell.seed, config.data)
+    if not strategy.resolved:  # a matched ratio is part of the settings: resolve it first
+        raise ValueError(f"strategy {strategy.name}: its ratio matches {strategy.match!r} and "
+                         "is not resolved yet (mwm.experiment.matched.resolve_matched)")
     regions = (strategy.regions, config.localize, config.data) if strategy.reads_regions else None
     return config.fingerprint(strategy.masking, strategy.params, regions, config.pretrain,
                               cell.seed, config.data)

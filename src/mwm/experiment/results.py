@@ -1,5 +1,6 @@
 """Experiment results: per strategy and evaluation, every metric's mean ± std over seeds and
-its paired difference to the reference, as CSV, Markdown, JSON and one plot per evaluation.
+its paired difference to each reference, with the difference's 95% confidence interval, as
+CSV, Markdown, JSON and one plot per evaluation.
 
 Files written into the run folder:
 
@@ -8,23 +9,29 @@ Files written into the run folder:
 * ``results.csv``    one row per strategy: n seeds, realized overall mask ratio, pretraining
   seconds; per evaluation its primary metric (``<evaluation>_mean/_std/_delta/_delta_std``)
   and, for every metric the task reports, ``<evaluation>_<metric>_mean``, ``_std``, ``_n``
-  (seeds with a finite value), ``_delta``, ``_delta_std`` and ``_n_paired``;
+  (seeds with a finite value), ``_delta``, ``_delta_std``, ``_delta_ci`` (the half-width
+  of the Δ's 95% CI; empty with fewer than two paired seeds) and ``_n_paired``, all
+  against the (first) reference; with several references also
+  ``<evaluation>_<metric>_vs_<reference>_delta`` (``_delta_std``, ``_delta_ci``,
+  ``_n_paired``) for each of them; with a matched-ratio strategy, ``matched``,
+  ``matched_ratio`` and ``matched_grid_ratio``;
 * ``results.md``     an overview table of the primaries, then one table per evaluation
-  with every metric and its Δ, and the missing cells;
+  with every metric and its Δ (and CI, with two seeds or more), one Δ table per further
+  reference, and the missing cells;
 * ``results.json``   all of the above (each strategy row's ``evaluations`` holds the
-  per-metric statistics), for the report;
+  per-metric statistics, ``vs`` the Δ against every reference), for the report;
 * ``plots/<evaluation>.png``  the evaluation's primary metric against the realized overall
   mask ratio (:func:`mwm.report.plots.metric_vs_ratio_png`).
 
 A missing or non-finite value (a task that did not report the metric, an HD95 with no
 finite distance) is left out of the means; a metric with no value at all is ``None`` in
-``results.json``, empty in ``results.csv`` and ``–`` in the tables.
+``results.json``, empty in ``results.csv`` and ``–`` in the tables. Spreads are sample
+standard deviations (ddof 1, :mod:`mwm.experiment.stats`), the CI Student's t.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from pathlib import Path
 
 from ..files import read_json_or_none, write_bytes, write_csv, write_json, write_text
@@ -32,21 +39,14 @@ from ..report.plots import metric_vs_ratio_png
 from ..report.tables import results_markdown
 from .config import ExperimentConfig, task_of
 from .grid import CELL_FILE, cell_fingerprint
+from .stats import ci_half_width, mean_std
+from .stats import finite as _finite
+
+__all__ = ["cell_rows", "csv_row", "mean_std", "metric_stats", "strategy_rows", "write_results"]
 
 PLOTS = "plots"
-STATS = ("mean", "std", "n", "delta", "delta_std", "n_paired")
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def mean_std(values: list) -> tuple[float, float]:
-    """Mean and sample std of the finite values (NaN, NaN without any; std 0 with one)."""
-    values = [v for v in values if _finite(v)]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+PAIRED = ("delta", "delta_std", "delta_ci", "n_paired")
+STATS = ("mean", "std", "n", *PAIRED)
 
 
 def _or_none(value: float) -> float | None:
@@ -74,16 +74,38 @@ def primary_metrics(config: ExperimentConfig) -> dict[str, str]:
     return {item["name"]: task_of(item).primary for item in config.evaluate}
 
 
-def metric_stats(mine: list[dict], reference: dict[int, float], key: str) -> dict:
-    """Mean ± std over seeds of one metric (``key`` of the cell rows) and the mean ± std of
-    its per-seed differences to the reference's same seed; ``None`` where there is no value."""
-    values = [c.get(key) for c in mine]
+def paired_stats(mine: list[dict], reference: dict[int, float], key: str) -> dict:
+    """Mean ± std of the per-seed differences of ``key`` to the reference's same seed, the
+    95% CI half-width of that mean (None with fewer than two pairs) and the pair count."""
     diffs = [c[key] - reference[c["seed"]] for c in mine
              if _finite(c.get(key)) and _finite(reference.get(c["seed"]))]
-    mean, std = mean_std(values)
     delta, delta_std = mean_std(diffs)
-    return {"mean": _or_none(mean), "std": _or_none(std), "n": sum(map(_finite, values)),
-            "delta": _or_none(delta), "delta_std": _or_none(delta_std), "n_paired": len(diffs)}
+    return {"delta": _or_none(delta), "delta_std": _or_none(delta_std),
+            "delta_ci": ci_half_width(diffs), "n_paired": len(diffs)}
+
+
+def metric_stats(mine: list[dict], references: dict[str, dict[int, float]], key: str) -> dict:
+    """Mean ± std over seeds of one metric (``key`` of the cell rows), its paired Δ to the
+    first reference (:func:`paired_stats`) and, under ``vs``, to every reference (by name);
+    ``None`` where there is no value."""
+    values = [c.get(key) for c in mine]
+    mean, std = mean_std(values)
+    vs = {name: paired_stats(mine, seeds, key) for name, seeds in references.items()}
+    first = next(iter(vs.values())) if vs else paired_stats(mine, {}, key)
+    stats = {"mean": _or_none(mean), "std": _or_none(std), "n": sum(map(_finite, values)), **first}
+    if vs:
+        stats["vs"] = vs
+    return stats
+
+
+def _settings(strategy) -> str:
+    parts = []
+    for key, value in strategy.params.items():
+        if key == "ratio" and strategy.matched is not None:
+            parts.append(f"ratio={value:.4f} (matched to {strategy.match})")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
 
 
 def strategy_rows(config: ExperimentConfig, cells: list[dict]) -> list[dict]:
@@ -92,14 +114,18 @@ def strategy_rows(config: ExperimentConfig, cells: list[dict]) -> list[dict]:
     missing), the keys results files of earlier versions had."""
     primary = primary_metrics(config)
     metrics = {item["name"]: task_of(item).metrics for item in config.evaluate}
+    matching = any(s.match is not None for s in config.strategies)
     rows = []
     for strategy in config.strategies:
         mine = [c for c in cells if c["strategy"] == strategy.name]
         row = {"strategy": strategy.name, "masking": strategy.masking,
                "pretrains": strategy.pretrains,
                "regions": strategy.regions if strategy.reads_regions else "",
-               "settings": " ".join(f"{k}={v}" for k, v in strategy.params.items()),
-               "n_seeds": len(mine)}
+               "settings": _settings(strategy), "n_seeds": len(mine)}
+        if matching:
+            found = strategy.matched or {}
+            row.update(matched=strategy.match or "", matched_ratio=found.get("ratio"),
+                       matched_grid_ratio=found.get("grid_ratio"))
         row["ratio_overall"], _ = mean_std([c["ratio_overall"] for c in mine])
         row["pretrain_seconds"], _ = mean_std([c["pretrain_seconds"] for c in mine])
         row["evaluations"] = {}
@@ -107,8 +133,9 @@ def strategy_rows(config: ExperimentConfig, cells: list[dict]) -> list[dict]:
             stats = {}
             for metric in names:
                 key = f"{e}_{metric}"
-                reference = {c["seed"]: c.get(key) for c in cells if c["strategy"] == config.reference}
-                stats[metric] = metric_stats(mine, reference, key)
+                references = {name: {c["seed"]: c.get(key) for c in cells if c["strategy"] == name}
+                              for name in config.references}
+                stats[metric] = metric_stats(mine, references, key)
             row["evaluations"][e] = stats
             first = stats[primary[e]]
             for suffix, stat in (("mean", "mean"), ("std", "std"), ("delta", "delta"),
@@ -119,11 +146,16 @@ def strategy_rows(config: ExperimentConfig, cells: list[dict]) -> list[dict]:
 
 
 def csv_row(row: dict) -> dict:
-    """A strategy row with its per-metric statistics as flat columns."""
+    """A strategy row with its per-metric statistics as flat columns (with several
+    references, also each one's Δ as ``<evaluation>_<metric>_vs_<reference>_<stat>``)."""
     flat = {k: v for k, v in row.items() if k != "evaluations"}
     for e, stats in row["evaluations"].items():
         for metric, values in stats.items():
             flat.update({f"{e}_{metric}_{stat}": values[stat] for stat in STATS})
+            vs = values.get("vs") or {}
+            if len(vs) > 1:
+                for name, paired in vs.items():
+                    flat.update({f"{e}_{metric}_vs_{name}_{stat}": paired[stat] for stat in PAIRED})
     return flat
 
 
@@ -153,7 +185,8 @@ def write_results(config: ExperimentConfig, run: Path, cells: list, prepared=Non
     results = {"name": config.name, "evaluations": evals, "primary": primary_metrics(config),
                "tasks": {item["name"]: task_of(item).name for item in config.evaluate},
                "metrics": {item["name"]: list(task_of(item).metrics) for item in config.evaluate},
-               "reference": config.reference,
+               "reference": config.reference, "references": list(config.references),
+               "matched": {s.name: s.matched for s in config.strategies if s.matched},
                "strategies": per_strategy, "cells": per_cell, "missing": missing,
                "seeds": config.seeds,
                "plots": {e: f"{PLOTS}/{e}.png" for e in evals} if per_cell else {},
@@ -166,9 +199,13 @@ def write_results(config: ExperimentConfig, run: Path, cells: list, prepared=Non
 
 
 def _write_plots(folder: Path, results: dict) -> None:
-    """One plot per evaluation; plots of evaluations the file no longer has are removed."""
+    """One plot per evaluation and the pretraining loss curves; plots of evaluations the file
+    no longer has are removed."""
+    from ..report.curves import PLOT_NAME, write_pretrain_curves
+
     for e, path in results["plots"].items():
         write_bytes(folder.parent / path, metric_vs_ratio_png(results, e))
+    write_pretrain_curves(folder.parent)  # the loss per epoch: has pretraining flattened?
     for old in folder.glob("*.png") if folder.is_dir() else ():
-        if old.stem not in results["plots"]:
+        if old.stem not in results["plots"] and old.stem != PLOT_NAME:
             old.unlink()

@@ -16,6 +16,9 @@ every evaluation on it. Each level is resumable on its own (fingerprints:
 * ``cell.json`` is written when every evaluation of the cell is done, with the combined
   fingerprint; a rerun skips such a cell without opening anything else.
 
+A strategy with ``ratio: {match: NAME}`` gets its ratio from the prepared regions before
+any cell runs (:mod:`mwm.experiment.matched`; every process computes the same number).
+
 Several processes (``torchrun --nproc_per_node G mwm experiment ...`` or ``--shard K/N``)
 split the cells round-robin, one cell at a time per process; rank 0 prepares the shared
 stages and the others wait for its stamp. Whoever finishes last has every cell and writes
@@ -44,6 +47,7 @@ from .grid import (
     eval_settings,
     pretrain_fingerprint,
 )
+from .matched import resolve_matched
 from .prepare import Prepared, prepare
 
 PREPARED_FILE = "prepared.json"
@@ -81,6 +85,7 @@ def run_experiment(config: ExperimentConfig, run: Path, *, shard: Shard | None =
     shard = shard or Shard()
     run.mkdir(parents=True, exist_ok=True)
     prepared = _prepared(config, run, shard, workers, quiet, log)
+    config = resolve_matched(config, prepared, log)  # ratio: {match: NAME}, from the regions
     cells = cells_of(config)
     mine = cells[shard.index::shard.count]
     failures = []
@@ -133,6 +138,8 @@ def run_cell(config: ExperimentConfig, cell: Cell, run: Path, prepared: Prepared
     record = {"cell": cell.key, "strategy": cell.strategy.name, "masking": cell.strategy.masking,
               "seed": cell.seed, "fingerprint": fingerprint,
               "pretrain": _pretrained(config, cell, folder, prepared, device, workers, quiet, log)}
+    if cell.strategy.matched is not None:  # the resolved ratio and what it came from
+        record["matched"] = cell.strategy.matched
     weights = None
     if record["pretrain"] is not None:  # the cell's own file, wherever the run folder now is
         weights = str(folder / "pretrain" / Path(record["pretrain"]["encoder"]).name)

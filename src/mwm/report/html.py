@@ -14,7 +14,10 @@ mailed as one file. Sections appear when their files exist in the run folder:
    (``saliency/``, ``regions/``, ``localization/per_image.csv``);
 5. pretraining: the last masked-cell / reconstruction grid of each strategy and the
    training curves (``cells/*/seed*/pretrain/``);
-6. the run manifest (``run_manifest.json``).
+6. pretraining loss: the epoch-mean loss per strategy and whether it has flattened
+   (:mod:`mwm.report.curves`; ``write_report`` also writes ``plots/pretrain_loss.png``
+   and ``.csv``);
+7. the run manifest (``run_manifest.json``).
 
 A small inline script records, when the page has loaded, how many images decoded
 (``data-images-loaded`` / ``data-images-total`` on ``<body>``); the browser test reads it.
@@ -34,7 +37,14 @@ import numpy as np
 from ..config import opt
 from ..files import read_json_or_none, write_text
 from ..localize.selectivity import SELECTIVITY_JSON
-from .plots import training_curves_png
+from .curves import (
+    FLAT_THRESHOLD,
+    MIN_EPOCHS,
+    flatness_table,
+    pretrain_curves,
+    write_pretrain_curves,
+)
+from .plots import pretrain_loss_png, training_curves_png
 
 MAX_LOCALIZATION_TILES = 12
 MAX_SEGMENTATION_OVERLAYS = 4  # per strategy and evaluation
@@ -108,6 +118,10 @@ def is_report(path: str | Path) -> bool:
 def write_report(run_dir: str | Path, path: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     path = Path(path) if path else run_dir / "report.html"
+    try:  # the curves' files sit beside the results' plots; the report embeds them anyway
+        write_pretrain_curves(run_dir)
+    except OSError:  # a read-only run folder reported elsewhere (--out)
+        pass
     write_text(path, render_report(run_dir))
     return path
 
@@ -119,7 +133,7 @@ def render_report(run_dir: Path) -> str:
     sections = [_results_section(run_dir, results), *_segmentation_sections(run_dir, results),
                 _data_section(run_dir),
                 _localization_section(run_dir), _pretraining_section(run_dir),
-                _manifest_section(manifest)]
+                _pretrain_loss_section(run_dir), _manifest_section(manifest)]
     body = "\n".join(s for s in sections if s)
     meta = (f"{html.escape(str(manifest.get('command', '?')))} · status "
             f"{html.escape(str(manifest.get('status', '?')))} · started "
@@ -142,7 +156,8 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _results_section(run_dir: Path, results: dict | None) -> str:
-    from .tables import evaluation_table, evaluation_title, results_notes, results_table
+    from .tables import (evaluation_table, evaluation_title, reference_tables, results_notes,
+                         results_table)
 
     if not results:
         return ""
@@ -156,6 +171,8 @@ def _results_section(run_dir: Path, results: dict | None) -> str:
         parts.append(f"<h3>{html.escape(evaluation_title(results, e))}</h3>")
         if table is not None:
             parts.append(_html_table(*table))
+        for title, header, rows in reference_tables(results, e):  # Δ vs each further reference
+            parts.append(f"<h4>{html.escape(title)}</h4>" + _html_table(header, rows))
         if plot.is_file():
             metric = (results.get("primary") or {}).get(e, "accuracy")
             parts.append(figure(plot, f"{e}: {metric} against the realized overall mask ratio",
@@ -312,6 +329,25 @@ def _pretraining_section(run_dir: Path) -> str:
     if curves is not None:
         parts.append(figure(curves, "training loss and realized overall mask ratio per step", wide=True))
     return "\n".join(parts)
+
+
+def _pretrain_loss_section(run_dir: Path) -> str:
+    """The epoch-mean loss per strategy and a table of its flatness (``mwm.report.curves``)."""
+    curves = pretrain_curves(run_dir)
+    if not curves:
+        return ""
+    note = ("Left: the mean over seeds of each epoch's mean logged loss (band: the seeds' "
+            "min to max). Right: each curve scaled to its range, and (dotted) the "
+            "least-squares line through its last quarter of epochs (at least 3). Flatness = "
+            "that line's drop across the tail divided by the curve's range (max − min); a "
+            f"curve is flat when |flatness| ≤ {FLAT_THRESHOLD:g} and needs {MIN_EPOCHS} "
+            "epochs to be judged (docs/pretraining-curves.md). The loss is measured on the "
+            "masked cells and depends on the masking, so the curves show whether each "
+            "strategy has converged, not which is better.")
+    return "\n".join(["<h2>Pretraining loss</h2>", f'<p class="note">{html.escape(note)}</p>',
+                      figure(pretrain_loss_png(curves), "pretraining loss per epoch and strategy",
+                             wide=True),
+                      _html_table(*flatness_table(curves))])
 
 
 def _manifest_section(manifest: dict) -> str:
