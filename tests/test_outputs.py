@@ -35,6 +35,24 @@ def test_new_empty_hidden_only_and_own_folders_are_accepted(tmp_path):
     assert claim_folder(tmp_path / "own", "localize")["command"] == "localize"
 
 
+def test_a_folder_with_only_other_shards_is_new_to_the_main_shard(tmp_path):
+    """Two shards started at once: shard 1 may create shards/1/ before shard 0 claims the
+    folder; anything else beside the shards, or a shard folder of another command, is not."""
+    from mwm.runlog import holds_only_shards
+
+    run = tmp_path / "run"
+    assert not holds_only_shards(run, "experiment")  # missing: the ordinary rule applies
+    own_folder(run / "shards" / "1", "experiment")
+    (run / "shards" / "2").mkdir()               # a shard that has not written yet
+    assert holds_only_shards(run, "experiment")
+    assert not holds_only_shards(run, "pretrain")
+    user_folder(run, "notes.png")
+    assert not holds_only_shards(run, "experiment")
+    (run / "notes.png").unlink()
+    user_folder(run / "shards" / "3")            # not a shard's own files
+    assert not holds_only_shards(run, "experiment")
+
+
 @pytest.mark.parametrize("argv", [
     ["localize", "IMAGES", "--out", "OUT", "--prompt", "tumor", "--model", "no-such-model"],
     ["postprocess", "IMAGES", "--out", "OUT"],

@@ -47,7 +47,7 @@ class DemoConfig:
     quick: bool = opt(False, "a smaller run: a smoke test of every stage (about a minute on 2 "
                       "CPU cores)")
     modality: str = opt(MODALITIES[0], "phantom anatomy", choices=MODALITIES)
-    findings: str = opt("single", "phantom findings: multi = other findings beside the lesion "
+    findings: str = opt("multi", "phantom findings: multi = other findings beside the lesion "
                         "(each with its mask), so the table shows whether the region picks the "
                         "prompt's finding (selectivity); single = the lesion alone",
                         choices=FINDING_MODES)

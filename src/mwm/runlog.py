@@ -132,6 +132,24 @@ def _visible_entries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
 
 
+def holds_only_shards(out: str | Path, command: str) -> bool:
+    """True when ``out`` holds nothing but ``shards/<k>/`` folders, each empty or with a
+    ``mwm <command>`` manifest: the other shards of a sharded run got there before the main
+    one (two shards started at once), so the main shard claims the folder as new."""
+    out = Path(out)
+    shards = out / "shards"
+    if not out.is_dir() or _visible_entries(out) != ["shards"] or not shards.is_dir():
+        return False
+    for name in _visible_entries(shards):
+        folder = shards / name
+        if not (folder.is_dir() and name.isdigit()):
+            return False
+        record = previous_run(folder)
+        if _visible_entries(folder) and (record is None or record["command"] != command):
+            return False
+    return True
+
+
 def claim_folder(out: str | Path, command: str, *, overwrite: bool = False) -> dict | None:
     """Apply the output-folder rule to ``out`` for ``mwm <command>`` (module docstring).
 

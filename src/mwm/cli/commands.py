@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import DataError
-from ..runlog import RunManifest, check_out_file, claim_folder, refuse_finished_run
+from ..runlog import (RunManifest, check_out_file, claim_folder, holds_only_shards,
+                      refuse_finished_run)
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 
@@ -397,7 +398,8 @@ def run_experiment_command(cfg, opts) -> int:
     shard = shard_from(cfg.shard, cfg.device, torchrun_env())
     detach_from_torchrun()  # each cell trains as a single process on its shard's device
     manifest_dir = out if shard.main else out / "shards" / str(shard.index)
-    claim_folder(manifest_dir, "experiment", overwrite=opts.overwrite)  # then: done cells kept
+    if not (shard.main and holds_only_shards(out, "experiment")):  # shards started at once
+        claim_folder(manifest_dir, "experiment", overwrite=opts.overwrite)  # then: done cells kept
     warn_if_busy("mwm experiment")
     with RunManifest(manifest_dir, "experiment",
                      {**settings(cfg), "experiment_file": config.to_dict()}) as run:
