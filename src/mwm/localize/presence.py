@@ -308,10 +308,28 @@ class PresenceSpec:
                             "VALUE|presence.json.")
 
 
+def _score_key(sample: Sample) -> tuple[str, str, str | None]:
+    return str(sample.image.path), sample.name, sample.prompt
+
+
 def score_samples(samples: Sequence[Sample], score_fn: ScoreFn, rule: ContrastRule, *,
-                  progress: bool = True, desc: str = "presence"
+                  progress: bool = True, desc: str = "presence",
+                  known: Mapping[tuple, float] | None = None
                   ) -> tuple[list[tuple[Sample, float]], list[dict]]:
-    """((sample, score) of every readable sample, failures of the unreadable ones)."""
+    """((sample, score) of every readable sample, failures of the unreadable ones).
+    ``known``: scores already computed (by :func:`_score_key`), reused rather than
+    recomputed, so that an image scored twice cannot get two scores (threaded matrix
+    products round differently in batches of other sizes)."""
+    known = known or {}
+    reused = {_score_key(s): known[_score_key(s)] for s in samples if _score_key(s) in known}
+    fresh, failures = _score_fresh([s for s in samples if _score_key(s) not in reused],
+                                   score_fn, rule, progress, desc)
+    by_key = {**reused, **{_score_key(s): v for s, v in fresh}}
+    return [(s, by_key[_score_key(s)]) for s in samples if _score_key(s) in by_key], failures
+
+
+def _score_fresh(samples: Sequence[Sample], score_fn: ScoreFn, rule: ContrastRule,
+                 progress: bool, desc: str) -> tuple[list[tuple[Sample, float]], list[dict]]:
     scored, failures = [], []
     chunks = [samples[i:i + READ_CHUNK] for i in range(0, len(samples), READ_CHUNK)]
     for chunk in progress_bar(chunks, total=len(chunks), desc=desc, unit="chunk",
@@ -332,12 +350,14 @@ def score_samples(samples: Sequence[Sample], score_fn: ScoreFn, rule: ContrastRu
 
 
 def calibrate(spec: PresenceSpec, score_fn: ScoreFn, rule: ContrastRule, *,
-              progress: bool = True) -> tuple[float, dict | None]:
-    """(threshold, calibration record) of ``spec``: given, or Youden's on its samples."""
+              progress: bool = True, known: Mapping[tuple, float] | None = None
+              ) -> tuple[float, dict | None]:
+    """(threshold, calibration record) of ``spec``: given, or Youden's on its samples
+    (``known``: their scores from the main pass, see :func:`score_samples`)."""
     if spec.threshold is not None:
         return spec.threshold, spec.given_calibration
     scored, failures = score_samples(spec.calibration, score_fn, rule, progress=progress,
-                                     desc="presence calibration")
+                                     desc="presence calibration", known=known)
     if failures:
         first = failures[0]
         raise DataError(f"--abstain: {len(failures)} calibration image(s) unreadable; first: "
@@ -358,9 +378,10 @@ def abstain(samples: Sequence[Sample], out: str | os.PathLike, score_fn: ScoreFn
             progress: bool = True) -> dict:
     """Score ``samples``, decide with the calibrated threshold, write ``presence.csv`` and
     ``presence.json`` into ``out``; returns presence.json's content (+ ``failures``)."""
-    threshold, calibration = calibrate(spec, score_fn, rule, progress=progress)
     scored, failures = score_samples(samples, score_fn, rule, progress=progress)
-    rows = [{"image": s.name, "prompt": prompt_key(s.prompt), "score": f"{score:.6f}",
+    threshold, calibration = calibrate(spec, score_fn, rule, progress=progress,
+                                       known={_score_key(s): v for s, v in scored})
+    rows = [{"image": s.name, "prompt": prompt_key(s.prompt), "score": repr(float(score)),
              "present": int(score >= threshold)} for s, score in scored]
     n_present = sum(r["present"] for r in rows)
     summary = {
