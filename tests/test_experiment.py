@@ -441,3 +441,52 @@ def test_a_changed_or_added_evaluation_reruns_alone(tmp_path, capsys):
     captions = re.findall(r'<figcaption>(random-50, seed 0: [^<]+ \(val\), DSC [0-9.]+)</figcaption>',
                           section)
     assert len(captions) == 2 == len(list((cell / "eval_probe" / "overlays").glob("val_*.png")))
+
+
+def test_held_out_evaluation_phantoms(tmp_path, capsys):
+    """data.eval_phantoms: the probe trains on the training phantoms' train split and is
+    scored on every image of a second phantom set (another seed, never pretrained on);
+    enlarging that set reuses the pretraining and reruns only the evaluation."""
+    data = {**TINY["data"], "eval_phantoms": {"n": 10, "seed": 5}}
+    strategies = [TINY["strategies"][1]]
+    config = write_config(tmp_path / "exp.yaml", data=data, strategies=strategies)
+    out = tmp_path / "run"
+    assert run(config, out) == 0
+    rows = list(csv.DictReader(open(out / "evaluation" / "labels.csv")))
+    train = [r for r in rows if r["split"] == "train"]
+    held_out = [r for r in rows if r["split"] == "val"]
+    assert len(held_out) == 10 and {r["split"] for r in rows} == {"train", "val"}
+    assert all(r["image"].startswith("../eval_data/images/eval-") for r in held_out)
+    own = list(csv.DictReader(open(out / "data" / "labels.csv")))
+    assert [r["image"] for r in train] == ["../data/" + r["image"] for r in own
+                                          if r["split"] == "train"]
+    images = {(out / "evaluation" / r["image"]).resolve().read_bytes() for r in held_out}
+    assert not images & {(out / "data" / r["image"]).read_bytes() for r in own}
+    predictions = list(csv.DictReader(open(out / "cells" / "random-50" / "seed0" / "eval_linear"
+                                           / "predictions.csv")))
+    assert len(predictions) == 10 and {p["split"] for p in predictions} == {"val"}
+    assert all(p["image"].startswith("eval-") for p in predictions)
+    capsys.readouterr()
+
+    config = write_config(tmp_path / "exp.yaml", strategies=strategies,
+                          data={**TINY["data"], "eval_phantoms": {"n": 12, "seed": 5}})
+    assert run(config, out) == 0
+    printed = capsys.readouterr().out
+    assert "pretraining reused" in printed
+    predictions = list(csv.DictReader(open(out / "cells" / "random-50" / "seed0" / "eval_linear"
+                                           / "predictions.csv")))
+    assert len(predictions) == 12
+
+
+@pytest.mark.parametrize("eval_phantoms, message", [
+    ({"n": 10, "seed": 0}, "training phantoms' seed"),
+    ({"n": 0}, "whole number of images"),
+    ({"n": 10, "size": 32}, "unknown key"),
+])
+def test_held_out_evaluation_phantoms_errors(eval_phantoms, message):
+    raw = {**TINY, "data": {**TINY["data"], "eval_phantoms": eval_phantoms}}
+    with pytest.raises(DataError, match=message):
+        parse_experiment(raw, source="exp.yaml")
+    with pytest.raises(DataError, match="needs data.phantoms"):
+        parse_experiment({**TINY, "data": {"images": "x", "eval_phantoms": {"n": 3}}},
+                         source="exp.yaml")

@@ -24,6 +24,7 @@ import os
 import re
 import time
 import zlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -328,8 +329,10 @@ def _work(index: int) -> tuple:
 
 
 def _produce(config: tuple, index: int) -> tuple:
-    modality, size, seed, bit_depth, out_dir, width, findings = config
+    modality, size, seed, bit_depth, out_dir, width, findings, prefix = config
     ph = _render(modality, size, seed, index, bit_depth, width=width, findings=findings)
+    if prefix:
+        ph = dataclasses.replace(ph, stem=prefix + ph.stem)
     write_png(safe_child(out_dir, f"images/{ph.stem}.png"), ph.image)
     write_png(safe_child(out_dir, f"masks/{ph.stem}.png"), ph.mask)
     instances = [coco_instance(m) for m in ph.instance_masks]
@@ -376,10 +379,12 @@ def generate_phantoms(out_dir, modality: str = MODALITIES[0], n: int = DEFAULT_N
                       bit_depth: int = BIT_DEPTHS[0], workers: int | None = None,
                       class_folders: bool = False,
                       split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
-                      findings: str = FINDING_MODES[0],
+                      findings: str = FINDING_MODES[0], stem_prefix: str = "",
                       progress: bool = True) -> PhantomSummary:
     """Write a phantom dataset of ``n`` images into ``out_dir`` (see the module docstring).
 
+    ``stem_prefix`` starts every file name (``eval-brain-mri_00000.png``), so a second
+    set can sit beside the first in one manifest without two images of one name.
     ``workers`` processes render and write the images (default ``os.cpu_count()``;
     ``1`` renders in this process); the result does not depend on it. ``findings="multi"``
     adds the findings of :mod:`mwm.data.findings` with their masks, ``findings.csv`` and
@@ -403,7 +408,10 @@ def generate_phantoms(out_dir, modality: str = MODALITIES[0], n: int = DEFAULT_N
     for sub in ("images", "masks"):
         (out / sub).mkdir(exist_ok=True)
     width = max(5, len(str(n - 1)))
-    config = (modality, size, seed, bit_depth, str(out), width, findings)
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", stem_prefix):
+        raise ValueError(f"stem_prefix may hold letters, digits, '_' and '-' only, got "
+                         f"{stem_prefix!r}")
+    config = (modality, size, seed, bit_depth, str(out), width, findings, stem_prefix)
     results = _render_all(config, n, workers, progress)
     labels = [r[1] for r in results]
     splits = stratified_split(labels, fractions, seed, modality)
@@ -430,6 +438,7 @@ def generate_phantoms(out_dir, modality: str = MODALITIES[0], n: int = DEFAULT_N
         "generator": "mwm.data.phantoms",
         "generator_version": GENERATOR_VERSION,
         "modality": modality, "n": n, "size": size, "seed": seed, "bit_depth": bit_depth,
+        **({"stem_prefix": stem_prefix} if stem_prefix else {}),
         "classes": list(classes), "lesion_classes": list(classes[1:]),
         "class_sampling": "uniform random per sample (including none)",
         "prompt": prompt,

@@ -94,6 +94,12 @@ class ExperimentConfig:
             self.references = [self.reference]
         self.reference = self.references[0] if self.references else None
 
+    @property
+    def train_data(self) -> dict:
+        """The data the encoders and regions depend on: ``data`` without the separate
+        evaluation phantoms, so enlarging the evaluation set reuses every pretraining."""
+        return {k: v for k, v in self.data.items() if k != "eval_phantoms"}
+
     def needs_localization(self) -> bool:
         return any(s.reads_regions and s.regions != "ground_truth" for s in self.strategies)
 
@@ -257,12 +263,14 @@ def task_of(item: dict, source: str = "<code>"):
     return task
 
 
+#: ``data.eval_phantoms.seed`` when left out (the training phantoms' default seed is 0).
+EVAL_SEED_DEFAULT = 1
 #: How the shipped paper-scale configs mark the path a user must fill in.
 PLACEHOLDER = "/path/to/"
 
 
 def _data(section: dict, source: str) -> dict:
-    _check_keys(section, {"phantoms", "images"}, source, "data")
+    _check_keys(section, {"phantoms", "images", "eval_phantoms"}, source, "data")
     if ("phantoms" in section) == ("images" in section):
         raise DataError(f"{source}: data needs exactly one of 'phantoms' (generated) or "
                         "'images' (a folder or manifest with labels and splits).")
@@ -273,7 +281,29 @@ def _data(section: dict, source: str) -> dict:
         raise DataError(f"{source}: data.images is still the placeholder {section['images']!r}; "
                         "edit the file to point at your dataset (a folder or a CSV manifest "
                         "with labels and splits, see docs/data.md).")
+    if "eval_phantoms" in section:
+        _check_eval_phantoms(section, source)
     return dict(section)
+
+
+def _check_eval_phantoms(section: dict, source: str) -> None:
+    """``data.eval_phantoms: {n, seed}``: evaluation images generated apart from the
+    training phantoms (same modality, size and findings; another seed, so no image is
+    shared)."""
+    where = f"{source}: data.eval_phantoms"
+    if "phantoms" not in section:
+        raise DataError(f"{where} needs data.phantoms (a dataset of your own has its own "
+                        "val/test splits).")
+    extra = section["eval_phantoms"]
+    _check_keys(extra, {"n", "seed"}, source, "data.eval_phantoms")
+    n, seed = extra.get("n"), extra.get("seed", EVAL_SEED_DEFAULT)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise DataError(f"{where}.n must be a whole number of images >= 1, got {n!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise DataError(f"{where}.seed must be a whole number >= 0, got {seed!r}.")
+    if seed == section["phantoms"].get("seed", 0):
+        raise DataError(f"{where}.seed {seed} is the training phantoms' seed: the two sets "
+                        "would share their first images. Choose another seed.")
 
 
 def _check_sections(config: ExperimentConfig) -> None:

@@ -49,7 +49,9 @@ class Shard:
 
 
 def cells_of(config: ExperimentConfig) -> list[Cell]:
-    return [Cell(strategy, seed) for strategy in config.strategies for seed in config.seeds]
+    """Seed by seed, every strategy of a seed before the next seed: the cells finished when
+    a run is stopped early are whole seeds, so their differences are still paired."""
+    return [Cell(strategy, seed) for seed in config.seeds for strategy in config.strategies]
 
 
 def pretrain_fingerprint(config: ExperimentConfig, cell: Cell) -> str:
@@ -57,13 +59,13 @@ def pretrain_fingerprint(config: ExperimentConfig, cell: Cell) -> str:
     reuses the pretraining. A cell without pretraining depends on its seed and data only."""
     strategy = cell.strategy
     if not strategy.pretrains:
-        return config.fingerprint(NO_PRETRAINING, cell.seed, config.data)
+        return config.fingerprint(NO_PRETRAINING, cell.seed, config.train_data)
     if not strategy.resolved:  # a matched ratio is part of the settings: resolve it first
         raise ValueError(f"strategy {strategy.name}: its ratio matches {strategy.match!r} and "
                          "is not resolved yet (mwm.experiment.matched.resolve_matched)")
-    regions = (strategy.regions, config.localize, config.data) if strategy.reads_regions else None
+    regions = (strategy.regions, config.localize, config.train_data) if strategy.reads_regions else None
     return config.fingerprint(strategy.masking, strategy.params, regions, config.pretrain,
-                              cell.seed, config.data)
+                              cell.seed, config.train_data)
 
 
 def eval_settings(config: ExperimentConfig, item: dict) -> dict:
@@ -78,8 +80,10 @@ def eval_settings(config: ExperimentConfig, item: dict) -> dict:
 
 
 def eval_fingerprint(config: ExperimentConfig, cell: Cell, item: dict) -> str:
+    evaluation_data = config.data.get("eval_phantoms")  # None: the data's own splits
     return config.fingerprint(pretrain_fingerprint(config, cell), task_of(item).name,
-                              eval_settings(config, item), cell.seed)
+                              eval_settings(config, item), cell.seed,
+                              *([evaluation_data] if evaluation_data else []))
 
 
 def cell_fingerprint(config: ExperimentConfig, cell: Cell) -> str:

@@ -9,6 +9,8 @@ goes stale.
 Layout::
 
     RUN/data/          the dataset (phantoms as ``mwm phantoms`` writes them)
+    RUN/eval_data/     with data.eval_phantoms: the held-out evaluation phantoms, and
+    RUN/evaluation/    labels.csv: data's train split + every eval_data image as val
     RUN/clip/          the small CLIP trained on the data's captions (when localize.clip)
     RUN/saliency/      one M2IB map per image (8-bit PNG); with localize.abstain also
                        presence.csv / presence.json (calibrated on the val split)
@@ -20,16 +22,17 @@ Layout::
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import DataError
-from ..files import read_json_or_none, write_json
+from ..files import read_json_or_none, write_csv, write_json
 from ..localize.presence import PRESENCE_CSV
 from ..localize.selectivity import SELECTIVITY_JSON, finding_selectivity
-from .config import ExperimentConfig
+from .config import EVAL_SEED_DEFAULT, ExperimentConfig
 
 # The phantom localizer of the demo and the phantom experiment, chosen on validation
 # images within minutes (benchmarks/results/localization.md): the scratch-tiny preset
@@ -57,6 +60,12 @@ class Prepared:
     saliency: Path | None
     regions: Path | None
     localization: dict | None       # evaluate_folders summary, None without ground truth
+    evaluation: Path | None = None  # RUN/evaluation (data.eval_phantoms), else the data's splits
+
+    @property
+    def eval_data(self) -> Path:
+        """What the evaluations train and score on."""
+        return self.evaluation or self.data
 
     def regions_for(self, source: str) -> Path:
         path = {"localized": self.regions, "ground_truth": self.masks,
@@ -70,9 +79,10 @@ class Prepared:
 def prepare(config: ExperimentConfig, run: Path, *, workers: int | None = None,
             quiet: bool = False, log=print) -> Prepared:
     data = _dataset(config, run / "data", workers, quiet, log)
+    evaluation = _evaluation_data(config, data, run, workers, quiet, log)
     masks = data / "masks" if (data / "masks").is_dir() else None
     if not config.needs_localization():
-        return Prepared(data, masks, None, None, None)
+        return Prepared(data, masks, None, None, None, evaluation)
     saliency, n_new_maps = _saliency(config, data, run, quiet, log)
     regions = run / "regions"
     _postprocess(config, data, saliency, regions, n_new_maps, quiet)
@@ -83,7 +93,7 @@ def prepare(config: ExperimentConfig, run: Path, *, workers: int | None = None,
             f"{scores['n_gt']} test images"
             + (f"; selectivity {sel['selectivity']['mean']:+.3f} on {sel['n']}" if sel else "")
             + ")")
-    return Prepared(data, masks, saliency, regions, scores)
+    return Prepared(data, masks, saliency, regions, scores, evaluation)
 
 
 def _dataset(config: ExperimentConfig, out: Path, workers: int | None, quiet: bool, log) -> Path:
@@ -92,22 +102,62 @@ def _dataset(config: ExperimentConfig, out: Path, workers: int | None, quiet: bo
         if not root.exists():
             raise DataError(f"{config.source}: data.images {root} does not exist.")
         return root
+    return _phantoms({**PHANTOM_DATA, **config.data["phantoms"]}, out, workers, quiet, log)
+
+
+def _phantoms(params: dict, out: Path, workers: int | None, quiet: bool, log,
+              stem_prefix: str = "") -> Path:
+    """A phantom folder with these settings: reused when its stamp matches, else made anew."""
     from ..data.phantoms import generate_phantoms
     from ..report.contact_sheet import write_phantom_sheet
 
-    params = {**PHANTOM_DATA, **config.data["phantoms"]}
     stamp = out / "phantoms_done.json"
-    if read_json_or_none(stamp) == params:
+    settings = {**params, "stem_prefix": stem_prefix} if stem_prefix else params
+    if read_json_or_none(stamp) == settings:
         log(f"phantoms: {out} (up to date)")
         return out
     if out.exists():
         shutil.rmtree(out)  # other settings: regenerate rather than mix two datasets
-    summary = generate_phantoms(out, **params, workers=workers, progress=not quiet)
+    summary = generate_phantoms(out, **params, stem_prefix=stem_prefix, workers=workers,
+                                progress=not quiet)
     write_phantom_sheet(out, params["modality"])
-    write_json(stamp, params)
+    write_json(stamp, settings)
     log(f"phantoms: {out} ({summary.n} images; "
         + ", ".join(f"{k} {v}" for k, v in summary.class_counts.items()) + ")")
     return out
+
+
+def _evaluation_data(config: ExperimentConfig, data: Path, run: Path, workers: int | None,
+                     quiet: bool, log) -> Path | None:
+    """With ``data.eval_phantoms``: ``RUN/evaluation/labels.csv``, a manifest of the training
+    phantoms' train split (the labelled images the evaluations train on) and every image of
+    a second phantom set as the ``val`` split (what they are scored on). Never localized."""
+    extra = config.data.get("eval_phantoms")
+    if not extra:
+        return None
+    params = {**PHANTOM_DATA, **config.data["phantoms"], "seed": EVAL_SEED_DEFAULT, **extra}
+    held_out = _phantoms(params, run / "eval_data", workers, quiet, log, stem_prefix="eval-")
+    rows = [{**row, "split": "train"} for row in _manifest_rows(data, "../data")
+            if row["split"] == "train"]
+    rows += [{**row, "split": "val"} for row in _manifest_rows(held_out, "../eval_data")]
+    out = run / "evaluation"
+    write_csv(out / "labels.csv", rows, fieldnames=list(rows[0]))
+    n_train = sum(row["split"] == "train" for row in rows)
+    log(f"evaluation: {out / 'labels.csv'} (train {n_train} images of {data}; val "
+        f"{params['n']} held-out phantoms, seed {params['seed']})")
+    return out
+
+
+def _manifest_rows(folder: Path, prefix: str) -> list[dict]:
+    """A phantom folder's labels.csv rows with the image and mask paths seen from
+    ``RUN/evaluation`` (``prefix``: the folder relative to it)."""
+    with (folder / "labels.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        for column in ("image", "mask"):
+            if row.get(column):
+                row[column] = f"{prefix}/{row[column]}"
+    return rows
 
 
 def _vlm_name(config: ExperimentConfig, data: Path, run: Path, quiet: bool, log) -> str:
