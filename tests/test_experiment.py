@@ -360,7 +360,7 @@ def test_results_report_every_metric_of_every_task_with_paired_deltas(tmp_path):
     assert table["region-gt"][header.index("Δ nsd")] == "+0.125 ± 0.035"
     assert table["region-gt"][header.index("realized mask ratio")] == "0.455"
     header, table = md_table(text, "linear (task linear-probe, primary metric accuracy)")
-    assert "Δ macro_f1" in header and table["random-50"][header.index("Δ auroc")] == "+0.000 ± 0.000"
+    assert "Δ macro_f1" in header and table["random-50"][header.index("Δ auroc")] == "(reference)"
 
     for e in ("linear", "seg"):  # one plot per evaluation, the combined one is gone
         image = cv2.imread(str(run / "plots" / f"{e}.png"))
@@ -487,6 +487,16 @@ def test_held_out_evaluation_phantoms_errors(eval_phantoms, message):
     raw = {**TINY, "data": {**TINY["data"], "eval_phantoms": eval_phantoms}}
     with pytest.raises(DataError, match=message):
         parse_experiment(raw, source="exp.yaml")
+
+
+def test_held_out_phantoms_need_phantoms_and_no_detection():
     with pytest.raises(DataError, match="needs data.phantoms"):
         parse_experiment({**TINY, "data": {"images": "x", "eval_phantoms": {"n": 3}}},
                          source="exp.yaml")
+    with pytest.raises(DataError, match=r"\(its default\) is the training"):
+        parse_experiment({**TINY, "data": {"phantoms": {"seed": 1}, "eval_phantoms": {"n": 3}}},
+                         source="exp.yaml")
+    detect = {"name": "det", "task": "detect", "max_steps": 1}
+    with pytest.raises(DataError, match="cannot use data.eval_phantoms"):
+        parse_experiment({**TINY, "evaluate": [detect],
+                          "data": {**TINY["data"], "eval_phantoms": {"n": 3}}}, source="exp.yaml")

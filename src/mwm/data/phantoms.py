@@ -24,8 +24,7 @@ import os
 import re
 import time
 import zlib
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -332,7 +331,7 @@ def _produce(config: tuple, index: int) -> tuple:
     modality, size, seed, bit_depth, out_dir, width, findings, prefix = config
     ph = _render(modality, size, seed, index, bit_depth, width=width, findings=findings)
     if prefix:
-        ph = dataclasses.replace(ph, stem=prefix + ph.stem)
+        ph = replace(ph, stem=prefix + ph.stem)
     write_png(safe_child(out_dir, f"images/{ph.stem}.png"), ph.image)
     write_png(safe_child(out_dir, f"masks/{ph.stem}.png"), ph.mask)
     instances = [coco_instance(m) for m in ph.instance_masks]
@@ -397,10 +396,8 @@ def generate_phantoms(out_dir, modality: str = MODALITIES[0], n: int = DEFAULT_N
     size = int(size)
     seed = _check_int("seed", seed, 0)
     fractions = _check_fractions(split_fractions)
-    if workers is None:
-        workers = os.cpu_count() or 1
-    workers = _check_int("workers", workers, 1)
-    workers = min(workers, n)
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    workers = min(_check_int("workers", workers, 1), n)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -408,10 +405,8 @@ def generate_phantoms(out_dir, modality: str = MODALITIES[0], n: int = DEFAULT_N
     for sub in ("images", "masks"):
         (out / sub).mkdir(exist_ok=True)
     width = max(5, len(str(n - 1)))
-    if not re.fullmatch(r"[A-Za-z0-9_-]*", stem_prefix):
-        raise ValueError(f"stem_prefix may hold letters, digits, '_' and '-' only, got "
-                         f"{stem_prefix!r}")
-    config = (modality, size, seed, bit_depth, str(out), width, findings, stem_prefix)
+    config = (modality, size, seed, bit_depth, str(out), width, findings,
+              _check_prefix(stem_prefix))
     results = _render_all(config, n, workers, progress)
     labels = [r[1] for r in results]
     splits = stratified_split(labels, fractions, seed, modality)
@@ -457,6 +452,13 @@ def generate_phantoms(out_dir, modality: str = MODALITIES[0], n: int = DEFAULT_N
     clean_up(out, records, class_folders, _STEM_RE, modality if findings == "multi" else None)
     return PhantomSummary(out, modality, n, size, seed, class_counts, split_counts,
                           time.perf_counter() - t0, bit_depth, workers)
+
+
+def _check_prefix(stem_prefix: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", stem_prefix):
+        raise ValueError(f"stem_prefix may hold letters, digits, '_' and '-' only, got "
+                         f"{stem_prefix!r}")
+    return stem_prefix
 
 
 def _render_all(config: tuple, n: int, workers: int, progress: bool) -> list[tuple]:

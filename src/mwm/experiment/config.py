@@ -36,6 +36,7 @@ from typing import Any
 from ..config import load_yaml
 from ..errors import DataError
 from ..masking import MASKINGS, MaskingParams
+from .hypotheses import parse_hypotheses
 
 #: A strategy without pretraining (the encoder's random initialization), beside the
 #: registered masking strategies (:data:`mwm.masking.MASKINGS`).
@@ -88,6 +89,7 @@ class ExperimentConfig:
     reference: str | None = None          # the first of ``references`` (the Δ of old files)
     source: str = "<code>"
     references: list[str] = field(default_factory=list)  # every strategy others are compared to
+    hypotheses: Any = None  # mwm.experiment.hypotheses.Hypotheses: the pre-registered tests
 
     def __post_init__(self) -> None:
         if not self.references and self.reference is not None:
@@ -99,6 +101,12 @@ class ExperimentConfig:
         """The data the encoders and regions depend on: ``data`` without the separate
         evaluation phantoms, so enlarging the evaluation set reuses every pretraining."""
         return {k: v for k, v in self.data.items() if k != "eval_phantoms"}
+
+    @property
+    def held_out_phantoms(self) -> dict | None:
+        """``data.eval_phantoms`` with its default seed filled in (None without it)."""
+        held_out = self.data.get("eval_phantoms")
+        return {"seed": EVAL_SEED_DEFAULT, **held_out} if held_out else None
 
     def needs_localization(self) -> bool:
         return any(s.reads_regions and s.regions != "ground_truth" for s in self.strategies)
@@ -118,7 +126,7 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
 
 def parse_experiment(raw: dict, source: str = "<code>") -> ExperimentConfig:
     _check_keys(raw, {"name", "data", "localize", "pretrain", "evaluate", "seeds", "strategies",
-                      "reference"}, source, "top level")
+                      "reference", "hypotheses"}, source, "top level")
     for key in ("data", "pretrain", "evaluate", "strategies"):
         if key not in raw:
             raise DataError(f"{source}: the experiment needs a '{key}' section.")
@@ -137,6 +145,11 @@ def parse_experiment(raw: dict, source: str = "<code>") -> ExperimentConfig:
         references=_references(raw.get("reference"), source), source=source)
     _check_sections(config)
     _check_matches(config)
+    _check_held_out_tasks(config)
+    config.hypotheses = parse_hypotheses(
+        raw.get("hypotheses"),
+        {item["name"]: (task_of(item).primary, tuple(task_of(item).metrics))
+         for item in config.evaluate}, names, source)
     return config
 
 
@@ -286,6 +299,18 @@ def _data(section: dict, source: str) -> dict:
     return dict(section)
 
 
+def _check_held_out_tasks(config: ExperimentConfig) -> None:
+    """The held-out manifest has labels and masks but no COCO files: detection reads its
+    own instances_<split>.json."""
+    if not config.held_out_phantoms:
+        return
+    for item in config.evaluate:
+        if task_of(item).name == "detect":
+            raise DataError(f"{config.source}: evaluation {item['name']!r} (task detect) cannot "
+                            "use data.eval_phantoms (detection reads the phantoms' own COCO "
+                            "splits); drop eval_phantoms or the detect evaluation.")
+
+
 def _check_eval_phantoms(section: dict, source: str) -> None:
     """``data.eval_phantoms: {n, seed}``: evaluation images generated apart from the
     training phantoms (same modality, size and findings; another seed, so no image is
@@ -294,16 +319,17 @@ def _check_eval_phantoms(section: dict, source: str) -> None:
     if "phantoms" not in section:
         raise DataError(f"{where} needs data.phantoms (a dataset of your own has its own "
                         "val/test splits).")
-    extra = section["eval_phantoms"]
-    _check_keys(extra, {"n", "seed"}, source, "data.eval_phantoms")
-    n, seed = extra.get("n"), extra.get("seed", EVAL_SEED_DEFAULT)
+    held_out = section["eval_phantoms"]
+    _check_keys(held_out, {"n", "seed"}, source, "data.eval_phantoms")
+    n, seed = held_out.get("n"), held_out.get("seed", EVAL_SEED_DEFAULT)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise DataError(f"{where}.n must be a whole number of images >= 1, got {n!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise DataError(f"{where}.seed must be a whole number >= 0, got {seed!r}.")
-    if seed == section["phantoms"].get("seed", 0):
-        raise DataError(f"{where}.seed {seed} is the training phantoms' seed: the two sets "
-                        "would share their first images. Choose another seed.")
+    if seed == section["phantoms"].get("seed", 0):  # 0: mwm phantoms' default seed
+        given = "" if "seed" in held_out else " (its default)"
+        raise DataError(f"{where}.seed {seed}{given} is the training phantoms' seed: the two "
+                        "sets would share their first images. Choose another seed.")
 
 
 def _check_sections(config: ExperimentConfig) -> None:

@@ -63,7 +63,8 @@ def pretrain_fingerprint(config: ExperimentConfig, cell: Cell) -> str:
     if not strategy.resolved:  # a matched ratio is part of the settings: resolve it first
         raise ValueError(f"strategy {strategy.name}: its ratio matches {strategy.match!r} and "
                          "is not resolved yet (mwm.experiment.matched.resolve_matched)")
-    regions = (strategy.regions, config.localize, config.train_data) if strategy.reads_regions else None
+    regions = ((strategy.regions, config.localize, config.train_data) if strategy.reads_regions
+               else None)
     return config.fingerprint(strategy.masking, strategy.params, regions, config.pretrain,
                               cell.seed, config.train_data)
 
@@ -80,10 +81,10 @@ def eval_settings(config: ExperimentConfig, item: dict) -> dict:
 
 
 def eval_fingerprint(config: ExperimentConfig, cell: Cell, item: dict) -> str:
-    evaluation_data = config.data.get("eval_phantoms")  # None: the data's own splits
+    held_out = config.held_out_phantoms  # None: the data's own splits
     return config.fingerprint(pretrain_fingerprint(config, cell), task_of(item).name,
                               eval_settings(config, item), cell.seed,
-                              *([evaluation_data] if evaluation_data else []))
+                              *([held_out] if held_out else []))
 
 
 def cell_fingerprint(config: ExperimentConfig, cell: Cell) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +33,7 @@ from ..errors import DataError
 from ..files import read_json_or_none, write_csv, write_json
 from ..localize.presence import PRESENCE_CSV
 from ..localize.selectivity import SELECTIVITY_JSON, finding_selectivity
-from .config import EVAL_SEED_DEFAULT, ExperimentConfig
+from .config import ExperimentConfig
 
 # The phantom localizer of the demo and the phantom experiment, chosen on validation
 # images within minutes (benchmarks/results/localization.md): the scratch-tiny preset
@@ -63,8 +64,8 @@ class Prepared:
     evaluation: Path | None = None  # RUN/evaluation (data.eval_phantoms), else the data's splits
 
     @property
-    def eval_data(self) -> Path:
-        """What the evaluations train and score on."""
+    def eval_root(self) -> Path:
+        """What the evaluations train and score on: RUN/evaluation, else the data."""
         return self.evaluation or self.data
 
     def regions_for(self, source: str) -> Path:
@@ -132,15 +133,14 @@ def _evaluation_data(config: ExperimentConfig, data: Path, run: Path, workers: i
     """With ``data.eval_phantoms``: ``RUN/evaluation/labels.csv``, a manifest of the training
     phantoms' train split (the labelled images the evaluations train on) and every image of
     a second phantom set as the ``val`` split (what they are scored on). Never localized."""
-    extra = config.data.get("eval_phantoms")
-    if not extra:
+    if not config.held_out_phantoms:
         return None
-    params = {**PHANTOM_DATA, **config.data["phantoms"], "seed": EVAL_SEED_DEFAULT, **extra}
+    params = {**PHANTOM_DATA, **config.data["phantoms"], **config.held_out_phantoms}
     held_out = _phantoms(params, run / "eval_data", workers, quiet, log, stem_prefix="eval-")
-    rows = [{**row, "split": "train"} for row in _manifest_rows(data, "../data")
-            if row["split"] == "train"]
-    rows += [{**row, "split": "val"} for row in _manifest_rows(held_out, "../eval_data")]
     out = run / "evaluation"
+    rows = [{**row, "split": "train"} for row in _manifest_rows(data, out)
+            if row["split"] == "train"]
+    rows += [{**row, "split": "val"} for row in _manifest_rows(held_out, out)]
     write_csv(out / "labels.csv", rows, fieldnames=list(rows[0]))
     n_train = sum(row["split"] == "train" for row in rows)
     log(f"evaluation: {out / 'labels.csv'} (train {n_train} images of {data}; val "
@@ -148,11 +148,12 @@ def _evaluation_data(config: ExperimentConfig, data: Path, run: Path, workers: i
     return out
 
 
-def _manifest_rows(folder: Path, prefix: str) -> list[dict]:
-    """A phantom folder's labels.csv rows with the image and mask paths seen from
-    ``RUN/evaluation`` (``prefix``: the folder relative to it)."""
+def _manifest_rows(folder: Path, seen_from: Path) -> list[dict]:
+    """A phantom folder's labels.csv rows with the image and mask paths relative to the
+    folder ``seen_from`` (where the new manifest goes)."""
     with (folder / "labels.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
+    prefix = Path(os.path.relpath(folder.resolve(), seen_from.resolve())).as_posix()
     for row in rows:
         for column in ("image", "mask"):
             if row.get(column):

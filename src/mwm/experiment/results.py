@@ -15,7 +15,8 @@ Files written into the run folder:
   ``<evaluation>_<metric>_vs_<reference>_delta`` (``_delta_std``, ``_delta_ci``,
   ``_n_paired``) for each of them; with a matched-ratio strategy, ``matched``,
   ``matched_ratio`` and ``matched_grid_ratio``;
-* ``results.md``     an overview table of the primaries, then one table per evaluation
+* ``results.md``     an overview table of the primaries, the pre-registered hypotheses'
+  verdicts (:mod:`mwm.experiment.hypotheses`) when the file names any, then one table per evaluation
   with every metric and its Δ (and CI, with two seeds or more), one Δ table per further
   reference, and the missing cells;
 * ``results.json``   all of the above (each strategy row's ``evaluations`` holds the
@@ -39,6 +40,7 @@ from ..report.plots import metric_vs_ratio_png
 from ..report.tables import results_markdown
 from .config import ExperimentConfig, task_of
 from .grid import CELL_FILE, cell_fingerprint
+from .hypotheses import judge_hypotheses
 from .stats import ci_half_width, mean_std
 from .stats import finite as _finite
 
@@ -188,6 +190,7 @@ def write_results(config: ExperimentConfig, run: Path, cells: list, prepared=Non
                "reference": config.reference, "references": list(config.references),
                "matched": {s.name: s.matched for s in config.strategies if s.matched},
                "strategies": per_strategy, "cells": per_cell, "missing": missing,
+               "hypotheses": judge_hypotheses(config.hypotheses, per_cell),
                "seeds": config.seeds,
                "plots": {e: f"{PLOTS}/{e}.png" for e in evals} if per_cell else {},
                "localization_dice": (localization or {}).get("metrics", {}).get("dice", {}).get("mean"),

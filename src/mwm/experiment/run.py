@@ -224,6 +224,6 @@ def _evaluate(config, item: dict, cell: Cell, out: Path, prepared: Prepared, wei
     """Train and score the cell's encoder on one evaluation task (its last evaluation)."""
     task = task_of(item)
     settings = {"workers": workers, **eval_settings(config, item)}
-    return task.run(task.config(data=str(prepared.eval_data), out=str(out), weights=weights,
+    return task.run(task.config(data=str(prepared.eval_root), out=str(out), weights=weights,
                                 seed=cell.seed, device=device, resume="auto", quiet=True,
                                 **settings))

@@ -156,13 +156,17 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _results_section(run_dir: Path, results: dict | None) -> str:
-    from .tables import (evaluation_table, evaluation_title, reference_tables, results_notes,
-                         results_table)
+    from .tables import (HYPOTHESES_TITLE, evaluation_table, evaluation_title, hypotheses_note,
+                         hypotheses_table, reference_tables, results_notes, results_table)
 
     if not results:
         return ""
     parts = ["<h2>Results</h2>", _html_table(*results_table(results))]
     parts += [f'<p class="note">{html.escape(note)}</p>' for note in results_notes(results)]
+    tested = hypotheses_table(results)
+    if tested is not None:
+        parts += [f"<h3>{HYPOTHESES_TITLE}</h3>", _html_table(*tested),
+                  f'<p class="note">{html.escape(hypotheses_note(results))}</p>']
     for e in results["evaluations"]:
         table = evaluation_table(results, e)
         plot = run_dir / (results.get("plots") or {}).get(e, f"plots/{e}.png")

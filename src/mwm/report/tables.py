@@ -6,7 +6,8 @@ then one table per evaluation with every metric its task reports and their Δ ag
 (first) reference, then, per further reference, a table of every metric's Δ against it
 (:func:`reference_tables`). With two seeds or more, every Δ column is followed by its 95%
 confidence interval "[lo, hi]" (Student's t over the paired seeds; "–" with one pair).
-A missing value (None or NaN) prints as "–".
+A missing value (None or NaN) prints as "–"; a reference's Δ against itself as
+"(reference)".
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 
 MISSING = "–"
+SELF = "(reference)"  # the reference's own Δ column
 
 
 def _absent(value) -> bool:
@@ -90,6 +92,9 @@ def results_table(results: dict) -> tuple[list[str], list[list[str]]]:
         for e in evals:
             cells.append(_pm(row[f"{e}_mean"], row[f"{e}_std"]))
             for k, reference in enumerate(references):
+                if row["strategy"] == reference:  # a Δ of 0 ± 0 with itself says nothing
+                    cells += [SELF] + ([MISSING] if ci else [])
+                    continue
                 paired = _paired(row, e, primary.get(e), reference, k == 0)
                 cells.append(_signed(paired.get("delta"), paired.get("delta_std")))
                 if ci:
@@ -149,6 +154,9 @@ def _delta_cells(results: dict, row: dict, evaluation: str, metrics: list[str], 
     paired) and, with two seeds or more, its 95% CI."""
     cells = []
     for m in metrics:
+        if row["strategy"] == reference:
+            cells += [SELF] + ([MISSING] if with_ci(results) else [])
+            continue
         paired = _paired(row, evaluation, m, reference, first)
         cells.append(_with_count(_signed(paired.get("delta"), paired.get("delta_std")),
                                  paired.get("n_paired"), row["n_seeds"]))
@@ -217,6 +225,34 @@ def _selectivity_note(results: dict) -> str:
             "other findings (1 = only the named finding, 0 = no preference).")
 
 
+HYPOTHESES_TITLE = "Pre-registered hypotheses"
+
+
+def hypotheses_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
+    """(header, rows) of the pre-registered tests and their verdicts; None without any."""
+    tests = results.get("hypotheses") or []
+    if not tests:
+        return None
+    header = ["test", "strategy", "against", "metric", "seeds", "Δ", "95% CI", "verdict"]
+    rows = []
+    for t in tests:
+        verdict = t["verdict"]
+        if t.get("seeds_needed"):
+            verdict += (f" (CI ±{t['delta_ci']:.3f} > ±{t['margin']:g}: about "
+                        f"{t['seeds_needed']} seeds needed)")
+        rows.append([t["name"], t["strategy"], t["against"], f"{t['evaluation']} {t['metric']}",
+                     str(len(t["seeds"])), _signed(t["delta"], t["delta_std"]),
+                     _interval(t["delta"], t["delta_ci"]), verdict])
+    return header, rows
+
+
+def hypotheses_note(results: dict) -> str:
+    margin = (results.get("hypotheses") or [{}])[0].get("margin")
+    return (f"Verdicts by the rule fixed before the run: better / worse when the 95% CI of the "
+            f"paired Δ excludes 0, equivalent when it lies inside ±{margin:g}, else "
+            "inconclusive; Δ is mean ± std over the paired seeds.")
+
+
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
@@ -225,6 +261,10 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
 def results_markdown(results: dict) -> str:
     """The overview table and its notes, then one section per evaluation."""
     parts = ["\n".join(_markdown_table(*results_table(results))), *results_notes(results)]
+    tested = hypotheses_table(results)
+    if tested is not None:
+        parts += [f"## {HYPOTHESES_TITLE}\n\n" + "\n".join(_markdown_table(*tested)),
+                  hypotheses_note(results)]
     for e in results["evaluations"]:
         table = evaluation_table(results, e)
         if table is not None:
