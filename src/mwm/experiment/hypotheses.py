@@ -136,12 +136,12 @@ def _judge_one(test: Hypothesis, by_strategy: dict, hypotheses: Hypotheses, key:
     half = ci_half_width(diffs)
     delta = delta if finite(delta) else None
     result = {"name": test.name, "strategy": test.strategy, "against": test.against,
-             "evaluation": hypotheses.evaluation, "metric": hypotheses.metric,
-             "margin": hypotheses.margin, "seeds": seeds, "delta": delta,
-             "delta_std": sd if finite(sd) else None, "delta_ci": half,
-             "low": None if half is None else delta - half,
-             "high": None if half is None else delta + half,
-             "verdict": verdict(delta, half, hypotheses.margin), "seeds_needed": None}
+              "evaluation": hypotheses.evaluation, "metric": hypotheses.metric,
+              "margin": hypotheses.margin, "seeds": seeds, "delta": delta,
+              "delta_std": sd if finite(sd) else None, "delta_ci": half,
+              "low": None if half is None else delta - half,
+              "high": None if half is None else delta + half,
+              "verdict": verdict(delta, half, hypotheses.margin), "seeds_needed": None}
     if result["verdict"] == "inconclusive" and half > hypotheses.margin:
         result["seeds_needed"] = n_for_half_width(sd, hypotheses.margin)
     return result
