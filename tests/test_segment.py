@@ -14,7 +14,8 @@ from mwm.cli import main
 from mwm.data.io import read_mask
 from mwm.data.layouts import open_dataset
 from mwm.data.phantoms import generate_phantoms
-from mwm.downstream.segment import SegmentConfig, aggregate, image_metrics
+from mwm.downstream.segment import SegmentConfig
+from mwm.downstream.segment_metrics import aggregate, image_metrics
 from mwm.downstream.segment_data import split_samples
 
 ARGS = ["--model", "resnet10t", "--input-size", "32", "--batch-size", "4", "--quiet",
@@ -106,6 +107,23 @@ def test_resume_auto_repeats_the_uninterrupted_run(phantoms, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert segment(phantoms, parts, "--epochs", "3", "--resume", "auto") == 2
     assert "epochs" in capsys.readouterr().err
+
+
+def test_eval_every_scores_only_those_epochs_and_trains_the_same_model(phantoms, tmp_path):
+    every, end_only, second = tmp_path / "every", tmp_path / "end", tmp_path / "second"
+    assert segment(phantoms, every, "--epochs", "3") == 0
+    assert segment(phantoms, end_only, "--epochs", "3", "--eval-every", "0") == 0
+    assert segment(phantoms, second, "--epochs", "3", "--eval-every", "2") == 0
+    assert [r["dice"] != "" for r in rows(end_only / "metrics.csv")] == [False] * 3
+    assert [r["dice"] != "" for r in rows(second / "metrics.csv")] == [False, True, False]
+    assert not (end_only / "best.pt").exists() and (second / "best.pt").is_file()
+    a = torch.load(every / "last.pt", weights_only=True)["model_train"]
+    b = torch.load(end_only / "last.pt", weights_only=True)["model_train"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # scoring never changes the training
+    last = [json.loads((run / "summary.json").read_text())["last"]["val"]["dice"]
+            for run in (every, end_only)]
+    assert last[0] == last[1]
+    assert json.loads((end_only / "summary.json").read_text())["best"] is None
 
 
 def test_missing_weights_exits_2_naming_them(phantoms, tmp_path, capsys):

@@ -23,7 +23,8 @@ the images whose truth holds the class; the top level is the macro mean over cla
 (DDP), BatchNorm statistics are averaged before every evaluation, every rank evaluates
 the same model and only rank 0 writes; ``summary["ranks_agree"]`` compares the ranks.
 
-**Outputs.** ``metrics.csv`` (one row per epoch, val), ``best.pt`` (best val DSC),
+**Outputs.** ``metrics.csv`` (one row per epoch; val scored every ``eval_every`` epochs,
+empty on the others), ``best.pt`` (best scored val DSC; none with ``eval_every`` 0),
 ``last.pt`` (full state, for ``--resume``), ``per_image.csv`` and ``overlays/`` (val and
 test, last model), ``summary.json``. ``eval_only`` evaluates a finished run's ``best.pt``
 or ``last.pt`` on val and test (no training; its architecture, classes, input size and
@@ -41,7 +42,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .. import checkpoint
 from ..config import check_ranges, opt
@@ -62,12 +62,12 @@ from ..engine import (
 )
 from ..errors import DataError
 from ..files import write_json
-from ..metrics import dice, hausdorff95, nsd
 from ..pretrain.config import DEFAULT_ENCODER, DEFAULT_INPUT_SIZE
 from ..pretrain.data import pixel_stats
 from ..utils import AMP_CHOICES, resolve_amp
 from .segment_data import CLASSES_FILE, SegmentDataset, split_samples
 from .segment_decoders import SegNet, build_encoder
+from .segment_metrics import aggregate, dice_ce_loss, image_metrics
 from .tasks import EvalTask, register_task
 from .vit import patch_size_of
 from .weights import BEST, LAST, load_weights, read_weights
@@ -80,9 +80,9 @@ LABELS = ("binary", "classes")
 REPORTED = ("dice", "dice_present", "nsd", "hd95")
 METRICS_FIELDS = ("epoch", "step", "train_loss", "lr", *REPORTED, "seconds")
 PER_IMAGE_FIELDS = ("split", "image", "class", "present", "dice", "nsd", "hd95")
+# Settings that do not change what is trained (evaluating is read-only: no RNG, no BN update).
 RESUME_FREE = ("resume", "max_steps", "quiet", "workers", "device", "out", "weights",
-               "eval_only")
-NSD_TOLERANCE = 2.0
+               "eval_only", "eval_every")
 
 
 @dataclass(kw_only=True)
@@ -118,6 +118,9 @@ class SegmentConfig:
     warmup_epochs: float = opt(1.0, "linear warm-up epochs", low=0.0)
     optimizer: str = opt("adamw", "optimizer", choices=("adamw", "lamb"))
     wd: float = opt(1e-4, "weight decay (not on norms and biases)", low=0.0)
+    eval_every: int = opt(1, "score the val split every N epochs (metrics.csv, best.pt); 0 = "
+                          "only the last model, at the end (an experiment reads only that one)",
+                          low=0)
     overlays: int = opt(8, "overlay PNGs (image | truth | prediction) per split", low=0)
     amp: str = opt("auto", "mixed precision", choices=AMP_CHOICES)
     seed: int = opt(0, "random seed")
@@ -185,62 +188,6 @@ def _state_patch_size(state: dict) -> int | None:
     """A ViT's patch size from its patch embedding (checkpoints that did not store it)."""
     weight = state.get("encoder.patch_embed.proj.weight")
     return int(weight.shape[-1]) if weight is not None else None
-
-
-# --------------------------------------------------------------------------- loss, metrics
-
-def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy + (1 - soft Dice), the Dice averaged over the foreground classes."""
-    ce = F.cross_entropy(logits, target)
-    probs = torch.softmax(logits, dim=1)[:, 1:]
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
-    inter = (probs * onehot).sum(dim=(0, 2, 3))
-    total = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
-    soft_dice = (2 * inter + 1.0) / (total + 1.0)
-    return ce + (1.0 - soft_dice.mean())
-
-
-def image_metrics(pred: np.ndarray, truth: np.ndarray, classes: list[str]) -> list[dict]:
-    """One row per foreground class of one image: DSC, NSD and HD95 of ``pred == c`` vs
-    ``truth == c`` (empty conventions of :mod:`mwm.metrics`); ``present``: the truth
-    holds the class."""
-    rows = []
-    for c, name in enumerate(classes[1:], start=1):
-        p, t = pred == c, truth == c
-        rows.append({"class": name, "present": bool(t.any()), "dice": dice(p, t),
-                     "nsd": nsd(p, t, NSD_TOLERANCE), "hd95": hausdorff95(p, t)})
-    return rows
-
-
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
-
-
-def class_aggregate(rows: list[dict]) -> dict:
-    """One class over images: means of DSC and NSD, HD95 over its finite values,
-    ``dice_present`` over the images whose truth holds the class."""
-    finite = [r["hd95"] for r in rows if np.isfinite(r["hd95"])]
-    present = [r["dice"] for r in rows if r["present"]]
-    return {"n": len(rows), "dice": _mean(r["dice"] for r in rows),
-            "dice_present": _mean(present), "n_present": len(present),
-            "nsd": _mean(r["nsd"] for r in rows), "hd95": _mean(finite),
-            "hd95_infinite": len(rows) - len(finite)}
-
-
-def aggregate(rows: list[dict]) -> dict:
-    """``per_class`` aggregates (:func:`class_aggregate`) and their macro means over the
-    classes (counts summed); with one class, that class's figures."""
-    by_class: dict[str, list[dict]] = {}
-    for row in rows:
-        by_class.setdefault(row["class"], []).append(row)
-    per_class = {name: class_aggregate(group) for name, group in by_class.items()}
-    figures = per_class.values()
-    return {"n": max((c["n"] for c in figures), default=0),
-            **{k: _mean(c[k] for c in figures) for k in ("dice", "dice_present", "nsd", "hd95")},
-            "n_present": sum(c["n_present"] for c in figures),
-            "hd95_infinite": sum(c["hd95_infinite"] for c in figures),
-            "per_class": per_class}
 
 
 # --------------------------------------------------------------------------- the run
@@ -436,15 +383,17 @@ class Segmenter:
         return aggregate(rows), rows
 
     def _record(self, lr, loss, seconds: float) -> None:
-        """After an epoch (every rank: the same model, the same metrics): the log row and
-        best.pt when the val DSC improved (rank 0 writes)."""
-        metrics, _ = self.evaluate(self.eval_split)
-        self.last_metrics = metrics
+        """After an epoch (every rank: the same model, the same metrics): the log row and,
+        on the epochs ``eval_every`` scores, best.pt when the val DSC improved (rank 0
+        writes). Unscored epochs log empty metrics."""
+        every = self.cfg.eval_every
+        scored = every > 0 and self.engine.epoch % every == 0
+        metrics = self.evaluate(self.eval_split)[0] if scored else dict.fromkeys(REPORTED)
         fmt = lambda v: "" if v is None else f"{v:.6f}"
         self.log.append({"epoch": self.engine.epoch, "step": self.engine.step_count,
                          "train_loss": fmt(loss), "lr": "" if lr is None else f"{lr:.6g}",
                          **{k: fmt(metrics[k]) for k in REPORTED}, "seconds": f"{seconds:.2f}"})
-        if self.best is None or metrics["dice"] > self.best["metrics"]["dice"]:
+        if scored and (self.best is None or metrics["dice"] > self.best["metrics"]["dice"]):
             self.best = {"epoch": self.engine.epoch, "metrics": metrics}
             if self.dist.main:
                 checkpoint.save(self.out / BEST, self._payload())
