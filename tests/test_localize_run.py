@@ -83,9 +83,16 @@ def test_shards_partition_the_items():
         shard(items, 3, 3)
 
 
-def test_local_model_identity_changes_with_weights(tmp_path):
+def test_local_model_identity_follows_the_weights_not_the_path(tmp_path):
     (tmp_path / "w.safetensors").write_bytes(b"1")
     first = model_identity(str(tmp_path))
     (tmp_path / "w.safetensors").write_bytes(b"12")
-    assert model_identity(str(tmp_path)) != first
+    second = model_identity(str(tmp_path))
+    assert second != first
+    (tmp_path / "log.csv").write_text("not part of the model")
+    assert model_identity(f"local-dir:{tmp_path}") == second
+    copy = tmp_path.parent / f"{tmp_path.name}-copy"  # a copied run keeps its maps
+    copy.mkdir()
+    (copy / "w.safetensors").write_bytes(b"12")
+    assert model_identity(str(copy)) == second
     assert model_identity("hf-hub:org/model") == "hf-hub:org/model"

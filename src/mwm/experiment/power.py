@@ -259,12 +259,12 @@ COLUMNS = ("strategy", "vs", "paired seeds", "Δ", "sd over seeds", "95% half-wi
 def power_markdown(analysis: dict) -> str:
     """The report: the method, one table per (evaluation, metric), the plan."""
     h = analysis["target"]
-    lines = [f"# Power calculation from the pilot `{analysis['name']}`", "",
+    lines = [f"# Power calculation from the run `{analysis['name']}`", "",
              (f"Target: the 95% confidence interval of every paired difference (strategy − "
-              f"reference, same seed) has a half-width of at most {h:g}. Pilot seeds: "
+              f"reference, same seed) has a half-width of at most {h:g}. The run's seeds: "
               f"{analysis['seeds']}; references: {', '.join(analysis['references'])}."), "",
              ("* **seeds needed**: the smallest n ≥ 2 with t(0.975, n − 1) · sd / √n ≤ "
-              f"{h:g}, sd the sample sd (ddof 1) of the pilot's per-seed differences "
+              f"{h:g}, sd the sample sd (ddof 1) of the run's per-seed differences "
               "(– with fewer than two paired seeds);"),
              ("* **images needed**: the smallest M with t(0.975, M − 1) · sd(u) / √M ≤ "
               f"{h:g}, u the per-image difference on the same evaluation images "

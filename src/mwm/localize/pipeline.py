@@ -61,18 +61,28 @@ def fingerprint(model_id: str, prompt: str | Sequence[str], params: dict,
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
 
 
-def model_identity(name: str) -> str:
-    """The model name, plus size and mtime of its weight files for local folders.
+# What identifies a local model folder: its weights and its configuration files.
+IDENTITY_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
 
-    Retraining a local model into the same folder changes its identity, so maps made
-    with the old weights are recomputed.
+
+def model_identity(name: str) -> str:
+    """The model name; for a local folder, a hash of the contents of its weight and
+    configuration files instead of its path.
+
+    Retraining a local model into the same folder changes its identity, so maps made with
+    the old weights are recomputed; a copied or moved folder (a run copied elsewhere, whose
+    CLIP is ``local-dir:RUN/clip``) keeps it, so its maps are reused.
     """
     path = Path(name[len("local-dir:"):] if name.startswith("local-dir:") else name)
     if not path.is_dir():
         return name
-    stats = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime))
-                   for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
-    return f"{name}|{stats}"
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.suffix in IDENTITY_SUFFIXES and p.is_file()):
+        digest.update(f"{file.name}\0".encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return f"local-dir:sha256:{digest.hexdigest()[:20]}"
 
 
 def shard(items: list, rank: int = 0, world: int = 1) -> list:
