@@ -500,3 +500,41 @@ def test_held_out_phantoms_need_phantoms_and_no_detection():
     with pytest.raises(DataError, match="cannot use data.eval_phantoms"):
         parse_experiment({**TINY, "evaluate": [detect],
                           "data": {**TINY["data"], "eval_phantoms": {"n": 3}}}, source="exp.yaml")
+
+
+# --------------------------------------------------------------------------- shards and rank 0's stamp
+
+class _Waited(Exception):
+    pass
+
+
+def test_a_waiting_shard_ignores_a_ready_stamp_made_with_another_localizer(tmp_path, monkeypatch):
+    """A 'ready' stamp left by an earlier run whose CLIP (or saliency version) differs is
+    stale: rank 0 is about to redo the maps, so shard 1 must wait, not read the regions."""
+    from mwm.experiment import run as runner
+    from mwm.experiment.grid import Shard
+
+    config = parse_experiment({**TINY, "localize": {"prompt": "brain tumor", "clip": {"epochs": 1}},
+                               "strategies": [{"name": "region", "masking": "region"}],
+                               "reference": "region"})
+    run_dir, clip = tmp_path / "run", tmp_path / "run" / "clip"
+    clip.mkdir(parents=True)
+    (clip / "open_clip_model.safetensors").write_bytes(b"earlier weights")
+    stale = runner.localizer_identity(config, run_dir)
+    prepared = {"data": str(tmp_path), "masks": None, "saliency": None, "regions": None,
+                "localization": None}
+    stamp = {"status": "ready", "settings": config.fingerprint(config.data, config.localize),
+             "localizer": stale, "prepared": prepared}
+    write_json(run_dir / runner.PREPARED_FILE, stamp)
+    (clip / "open_clip_model.safetensors").write_bytes(b"these weights")
+
+    def sleep(_seconds):
+        raise _Waited
+
+    monkeypatch.setattr(runner.time, "sleep", sleep)
+    wait = lambda: runner._prepared(config, run_dir, Shard(1, 2), 0, True, lambda *_: None)
+    with pytest.raises(_Waited):
+        wait()
+    write_json(run_dir / runner.PREPARED_FILE,
+               {**stamp, "localizer": runner.localizer_identity(config, run_dir)})
+    assert wait().data == tmp_path

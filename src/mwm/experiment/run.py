@@ -51,6 +51,7 @@ from .matched import resolve_matched
 from .prepare import Prepared, prepare
 
 PREPARED_FILE = "prepared.json"
+POLL_SECONDS = 5  # how often a waiting shard reads rank 0's stamp
 FINGERPRINT_FILE = "fingerprint.json"   # written before the work, so a resume can trust it
 PRETRAIN_FILE = "pretrain.json"         # a finished pretraining's record
 EVAL_FILE = "evaluation.json"           # a finished evaluation's metrics
@@ -102,23 +103,41 @@ def run_experiment(config: ExperimentConfig, run: Path, *, shard: Shard | None =
 
 
 def _prepared(config, run: Path, shard: Shard, workers: int, quiet: bool, log) -> Prepared:
-    """Rank 0 prepares; the others wait for its stamp for these data/localize settings."""
+    """Rank 0 prepares; the others wait for its stamp for these data/localize settings and
+    this localizer (:func:`localizer_identity`)."""
     stamp = run / PREPARED_FILE
     settings = config.fingerprint(config.data, config.localize)
     if shard.main:
         write_json(stamp, {"status": "preparing", "settings": settings})
         prepared = prepare(config, run, workers=workers, quiet=quiet, log=log)
         paths = {k: str(v) if isinstance(v, Path) else v for k, v in prepared.__dict__.items()}
-        write_json(stamp, {"status": "ready", "settings": settings, "prepared": paths})
+        write_json(stamp, {"status": "ready", "settings": settings,
+                           "localizer": localizer_identity(config, run), "prepared": paths})
         return prepared
     log(f"shard {shard.index}: waiting for rank 0 to prepare the data and regions ({stamp})")
     while True:
         saved = read_json_or_none(stamp) or {}
-        if saved.get("status") == "ready" and saved.get("settings") == settings:
+        if (saved.get("status") == "ready" and saved.get("settings") == settings
+                and saved.get("localizer") == localizer_identity(config, run)):
             break
-        time.sleep(5)
+        time.sleep(POLL_SECONDS)
     return Prepared(**{k: Path(v) if isinstance(v, str) else v
                        for k, v in saved["prepared"].items()})
+
+
+def localizer_identity(config, run: Path) -> list | None:
+    """What a saliency map's fingerprint names besides the settings: the localizer (a
+    trained CLIP by the contents of ``RUN/clip``) and the algorithm's version. A 'ready'
+    stamp left by an earlier run with another localizer (an older version, another CLIP)
+    is stale: rank 0 is about to redo the maps, so the other shards wait for its new stamp
+    instead of reading regions that are being rewritten."""
+    if not config.needs_localization():
+        return None
+    from ..localize.pipeline import ALGORITHM_VERSION, model_identity
+
+    clip = config.localize.get("clip") is not None
+    return [model_identity(str(run / "clip") if clip else str(config.localize["model"])),
+            ALGORITHM_VERSION]
 
 
 def run_cell(config: ExperimentConfig, cell: Cell, run: Path, prepared: Prepared,
