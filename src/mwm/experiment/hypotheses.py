@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import DataError
-from .stats import ci_half_width, finite, mean_std, n_for_half_width
+from .stats import finite, n_for_half_width, paired_summary
 
 DEFAULT_MARGIN = 0.02
 VERDICTS = ("better", "worse", "equivalent", "inconclusive", "no interval")
@@ -131,14 +131,12 @@ def judge_hypotheses(hypotheses: Hypotheses | None, cells: list[dict]) -> list[d
 def _judge_one(test: Hypothesis, by_strategy: dict, hypotheses: Hypotheses, key: str) -> dict:
     mine, theirs = by_strategy.get(test.strategy, {}), by_strategy.get(test.against, {})
     seeds = sorted(set(mine) & set(theirs))
-    diffs = [mine[s] - theirs[s] for s in seeds]
-    delta, sd = mean_std(diffs)
-    half = ci_half_width(diffs)
-    delta = delta if finite(delta) else None
+    paired = paired_summary([mine[s] - theirs[s] for s in seeds])
+    delta, sd, half = paired["delta"], paired["delta_std"], paired["delta_ci"]
     result = {"name": test.name, "strategy": test.strategy, "against": test.against,
               "evaluation": hypotheses.evaluation, "metric": hypotheses.metric,
               "margin": hypotheses.margin, "seeds": seeds, "delta": delta,
-              "delta_std": sd if finite(sd) else None, "delta_ci": half,
+              "delta_std": sd, "delta_ci": half,
               "low": None if half is None else delta - half,
               "high": None if half is None else delta + half,
               "verdict": verdict(delta, half, hypotheses.margin), "seeds_needed": None}

@@ -41,7 +41,7 @@ from ..report.tables import results_markdown
 from .config import ExperimentConfig, task_of
 from .grid import CELL_FILE, cell_fingerprint
 from .hypotheses import judge_hypotheses
-from .stats import ci_half_width, mean_std
+from .stats import mean_std, paired_summary
 from .stats import finite as _finite
 
 __all__ = ["cell_rows", "csv_row", "mean_std", "metric_stats", "strategy_rows", "write_results"]
@@ -79,11 +79,8 @@ def primary_metrics(config: ExperimentConfig) -> dict[str, str]:
 def paired_stats(mine: list[dict], reference: dict[int, float], key: str) -> dict:
     """Mean ± std of the per-seed differences of ``key`` to the reference's same seed, the
     95% CI half-width of that mean (None with fewer than two pairs) and the pair count."""
-    diffs = [c[key] - reference[c["seed"]] for c in mine
-             if _finite(c.get(key)) and _finite(reference.get(c["seed"]))]
-    delta, delta_std = mean_std(diffs)
-    return {"delta": _or_none(delta), "delta_std": _or_none(delta_std),
-            "delta_ci": ci_half_width(diffs), "n_paired": len(diffs)}
+    return paired_summary([c[key] - reference[c["seed"]] for c in mine
+                           if _finite(c.get(key)) and _finite(reference.get(c["seed"]))])
 
 
 def metric_stats(mine: list[dict], references: dict[str, dict[int, float]], key: str) -> dict:

@@ -27,6 +27,14 @@ def mean_std(values: list) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def paired_summary(diffs: list) -> dict:
+    """Of per-seed paired differences: their mean (``delta``) ± sd (``delta_std``), the 95%
+    CI half-width of the mean (``delta_ci``) and how many there are (None where undefined)."""
+    delta, sd = mean_std(diffs)
+    return {"delta": delta if finite(delta) else None, "delta_std": sd if finite(sd) else None,
+            "delta_ci": ci_half_width(diffs), "n_paired": len(diffs)}
+
+
 def t_quantile(n: int) -> float:
     """t(0.975, n - 1): the two-sided 95% quantile of Student's t for a mean of n values."""
     from scipy.stats import t
