@@ -121,6 +121,18 @@ def test_strategy_curves_average_seeds_on_their_common_epochs(tmp_path):
     assert b.seed_flatness[0].tail == (8, 10) and b.seed_flatness[1].tail == (6, 8)
 
 
+def test_only_the_results_finished_cells_are_drawn(tmp_path):
+    """Folders the results do not list (other settings, a copied run's old cells) stay out."""
+    cell_log(tmp_path, "a", 0, FLAT, per_epoch=1)
+    cell_log(tmp_path, "a", 1, FALLING, per_epoch=1)   # stale: not a finished cell
+    cell_log(tmp_path, "old", 0, FALLING, per_epoch=1)  # a strategy the file no longer has
+    (tmp_path / "results.json").write_text(
+        '{"strategies": [{"strategy": "a"}], "cells": [{"strategy": "a", "seed": 0}]}')
+    curves = pretrain_curves(tmp_path)
+    assert [(c.strategy, sorted(c.seeds)) for c in curves] == [("a", [0])]
+    assert curves[0].mean == pytest.approx(FLAT)
+
+
 def test_the_plot_and_its_numbers_are_written(tmp_path):
     assert write_pretrain_curves(tmp_path) is None  # no logs: nothing written
     assert not (tmp_path / "plots").exists()

@@ -137,8 +137,13 @@ def strategy_curve(strategy: str, seeds: dict[int, Curve]) -> StrategyCurve:
 
 def pretrain_curves(run_dir: str | Path) -> list[StrategyCurve]:
     """Every strategy with at least one logged pretraining step, in the results' order
-    (``results.json``) when there is one, else by name."""
+    (``results.json``) when there is one, else by name. With a ``results.json`` only its
+    finished cells count: a folder left by other settings (another seed list, a copied
+    run's cells not yet redone) is never mixed into the curves."""
     run_dir = Path(run_dir)
+    results = read_json_or_none(run_dir / "results.json") or {}
+    finished = ({(row.get("strategy"), int(row.get("seed", -1))) for row in results["cells"]}
+                if isinstance(results.get("cells"), list) else None)
     found: dict[str, dict[int, Curve]] = {}
     for log in sorted((run_dir / "cells").glob(f"*/seed*/pretrain/{LOG_NAME}")):
         seed_dir = log.parent.parent
@@ -146,10 +151,11 @@ def pretrain_curves(run_dir: str | Path) -> list[StrategyCurve]:
             seed = int(seed_dir.name.removeprefix("seed"))
         except ValueError:
             continue
+        if finished is not None and (seed_dir.parent.name, seed) not in finished:
+            continue
         curve = epoch_curve(log)
         if curve.epochs:
             found.setdefault(seed_dir.parent.name, {})[seed] = curve
-    results = read_json_or_none(run_dir / "results.json") or {}
     order = [row.get("strategy") for row in results.get("strategies") or []]
     names = [s for s in order if s in found] + sorted(s for s in found if s not in order)
     return [strategy_curve(s, dict(sorted(found[s].items()))) for s in names]
