@@ -52,6 +52,7 @@ PHANTOM_M2IB = dict(layer=2, noise_scale=0.5, shifts=3, smooth=0.4)
 # The published binarization (2-cluster k-means), one region per image, the component
 # with the most saliency (not the largest) kept. No CRF by default: it is an optional extra.
 DEFAULT_POSTPROCESS = dict(method="kmeans", top_k=1, rank="mass")
+CLIP_DIR = "clip"  # RUN/clip: the CLIP an experiment trains for its localizer
 
 
 @dataclass
@@ -161,6 +162,14 @@ def _manifest_rows(folder: Path, seen_from: Path) -> list[dict]:
     return rows
 
 
+def localizer_name(config: ExperimentConfig, run: Path) -> str:
+    """The model the run's saliency maps come from: ``localize.model``, or the CLIP the run
+    trains into ``RUN/clip`` (as a ``local-dir:`` name)."""
+    if config.localize.get("clip") is None:
+        return str(config.localize["model"])
+    return f"local-dir:{run / CLIP_DIR}"
+
+
 def _vlm_name(config: ExperimentConfig, data: Path, run: Path, quiet: bool, log) -> str:
     """The localizer: the named model, or a CLIP trained once on the data's captions.
 
@@ -168,14 +177,13 @@ def _vlm_name(config: ExperimentConfig, data: Path, run: Path, quiet: bool, log)
     budget stopped it before its last epoch (a rerun does not train it further, which
     would change every saliency map).
     """
-    clip = config.localize.get("clip")
+    clip, name = config.localize.get("clip"), localizer_name(config, run)
     if clip is None:
-        return str(config.localize["model"])
+        return name
     from ..clip import ClipTrainConfig, train_clip
 
-    clip_dir, settings = run / "clip", {**PHANTOM_CLIP, **clip}
+    clip_dir, settings = run / CLIP_DIR, {**PHANTOM_CLIP, **clip}
     stamp = run / "clip_done.json"
-    name = f"local-dir:{clip_dir}"
     if read_json_or_none(stamp) == settings and (clip_dir / "open_clip_model.safetensors").is_file():
         log(f"CLIP: {clip_dir} (up to date)")
         return name

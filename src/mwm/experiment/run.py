@@ -48,7 +48,7 @@ from .grid import (
     pretrain_fingerprint,
 )
 from .matched import resolve_matched
-from .prepare import Prepared, prepare
+from .prepare import Prepared, localizer_name, prepare
 
 PREPARED_FILE = "prepared.json"
 POLL_SECONDS = 5  # how often a waiting shard reads rank 0's stamp
@@ -135,9 +135,7 @@ def localizer_identity(config, run: Path) -> list | None:
         return None
     from ..localize.pipeline import ALGORITHM_VERSION, model_identity
 
-    clip = config.localize.get("clip") is not None
-    return [model_identity(str(run / "clip") if clip else str(config.localize["model"])),
-            ALGORITHM_VERSION]
+    return [model_identity(localizer_name(config, run)), ALGORITHM_VERSION]
 
 
 def run_cell(config: ExperimentConfig, cell: Cell, run: Path, prepared: Prepared,
